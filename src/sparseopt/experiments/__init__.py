@@ -1,0 +1,1 @@
+"""Experiment plumbing: configs, checkpoints, logs and the run loop."""

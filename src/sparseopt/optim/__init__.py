@@ -1,0 +1,5 @@
+"""Gradient preconditioners and optimizer extensions."""
+
+from sparseopt.optim.sparseopt import SparseOpt
+
+__all__ = ["SparseOpt"]

@@ -1,0 +1,83 @@
+"""SparseOpt: the per-neuron diagonal preconditioner that undoes BatchNorm's 1/sqrt(1 - s_i) gradient skew (SPEC 1).
+
+Given a layer's mask, neuron i (an output row/channel) with active fan-in k_i gets the factor
+
+    c_i = sqrt(k_i / mean_i k_i)          (normalize=True, the ICML form; c ≡ 1 for homogeneous masks)
+    c_i = sqrt(k_i / F) = sqrt(1 - s_i)   (normalize=False, the workshop form)
+
+and its gradient rows are multiplied by c_i before the optimizer step. Factors depend on masks only, so they are
+computed when masks change, never per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from sparseopt.masks import fan_in
+
+SCOPES = ("all", "bn_followed")
+REGROW_GRADIENTS = ("original", "corrected")
+MEAN_SCOPES = ("layer", "global")
+
+
+class SparseOpt:
+    """Configuration and factor computation of the SparseOpt preconditioner.
+
+    Args:
+        normalize: divide by sqrt(mean fan-in) so the layer's gradient norm is kept in expectation.
+        scope: ``"all"`` masked layers, or only those whose output feeds a BatchNorm (``"bn_followed"``), found
+            by tracing the model (see :func:`sparseopt.graph.layers_feeding_batchnorm`).
+        regrow_gradient: RigL grows from the ``"original"`` dense gradient (paper default) or the ``"corrected"`` one.
+        max_factor: optional clamp of c_i (an almost-dense neuron in a very sparse layer can reach 1/sqrt(1 - s̄)).
+        mean_scope: the mean fan-in per ``"layer"`` (default) or over all neurons in scope (``"global"``, an
+            ablation that no longer gives c ≡ 1 for homogeneous layers).
+        example_input: one batch, needed only for ``scope="bn_followed"`` on models torch.fx cannot trace.
+    """
+
+    def __init__(
+        self,
+        normalize: bool = True,
+        scope: str = "all",
+        regrow_gradient: str = "original",
+        max_factor: float | None = None,
+        mean_scope: str = "layer",
+        example_input=None,
+    ) -> None:
+        for value, allowed, what in ((scope, SCOPES, "scope"), (regrow_gradient, REGROW_GRADIENTS, "regrow_gradient"),
+                                     (mean_scope, MEAN_SCOPES, "mean_scope")):
+            if value not in allowed:
+                raise ValueError(f"unknown SparseOpt {what} {value!r}; choose one of {allowed}")
+        if max_factor is not None and max_factor <= 0:
+            raise ValueError(f"max_factor must be positive or None, got {max_factor}")
+        self.normalize = normalize
+        self.scope = scope
+        self.regrow_gradient = regrow_gradient
+        self.max_factor = max_factor
+        self.mean_scope = mean_scope
+        self.example_input = example_input
+
+    def __repr__(self) -> str:
+        return (f"SparseOpt(normalize={self.normalize}, scope={self.scope!r}, regrow_gradient={self.regrow_gradient!r}, "
+                f"max_factor={self.max_factor}, mean_scope={self.mean_scope!r})")
+
+    def factors(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-neuron factors c, shaped ``(out, 1, ..., 1)`` to broadcast over each mask in ``masks``."""
+        fans = {name: fan_in(m).to(torch.float64) for name, m in masks.items()}
+        capacity = {name: m[0].numel() for name, m in masks.items()}
+        if self.mean_scope == "global":
+            density = torch.cat([fans[n] / capacity[n] for n in masks]).mean()
+            denominators = {n: density * capacity[n] for n in masks}
+        elif self.normalize:
+            denominators = {n: fans[n].mean() for n in masks}
+        else:
+            denominators = {n: torch.tensor(float(capacity[n]), dtype=torch.float64) for n in masks}
+        out = {}
+        for name, mask in masks.items():
+            denom = denominators[name]
+            c = torch.sqrt(fans[name] / denom) if denom > 0 else torch.zeros_like(fans[name])
+            if self.max_factor is not None:
+                c = c.clamp(max=self.max_factor)
+            out[name] = c.view(-1, *([1] * (mask.dim() - 1)))
+        return out

@@ -1,0 +1,307 @@
+"""SparseTraining: masks, topology updates and preconditioning around the user's own optimizer.
+
+The per-step order of SPEC 10 lives here and only here. It runs inside ``optimizer.step()`` through the optimizer's
+official step hooks, so the user's loop (``loss.backward(); optimizer.step(); scheduler.step()``) does not change:
+
+    before the step   1. on a mask-update step: drop/grow from the raw dense gradients, zero new weights and
+                         reset their optimizer state, update ITOP, recompute factors; by default skip this step
+                      2. otherwise: grad <- (mask * c) * grad       (masking and SparseOpt in one multiply)
+    the user's optimizer step (SGD, Adam, AdamW, ... unchanged)
+    after the step    3. weight <- weight * mask; step counter + 1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparseopt.distributions import check_density, layer_nnz
+from sparseopt.graph import layers_feeding_batchnorm
+from sparseopt.init import sparse_init_
+from sparseopt.masks import DEFAULT_MODULE_TYPES, SparseParam, fan_in, random_mask, select_sparse_params
+from sparseopt.optim.sparseopt import SparseOpt
+from sparseopt.report import LayerReport, SparsityReport
+from sparseopt.selection import drop_and_grow
+from sparseopt.topology.base import Static, Topology
+
+STATE_VERSION = 1
+
+
+class SparseTraining:
+    """Sparsify ``model`` and keep it sparse while ``optimizer`` trains it.
+
+    Args:
+        model: any ``nn.Module`` (DDP-wrapped too).
+        optimizer: any ``torch.optim.Optimizer`` holding the model's sparse weights.
+        density: fraction of weights kept, for the whole sparse set (distributed by ``distribution``), or an explicit
+            ``{parameter_name: density}`` map that also defines the sparse set.
+        distribution: ``"erk"`` or ``"uniform"``; ``erk_power_scale`` p (0 gives uniform).
+        custom_densities: per-layer densities outside the global budget (the rest is re-solved).
+        include, exclude, module_types, prune_first_layer, prune_last_layer: choose the sparse set
+            (see :func:`sparseopt.masks.select_sparse_params`).
+        topology: ``Static()`` (default), ``SET(...)`` or ``RigL(...)``.
+        preconditioner: ``SparseOpt(...)`` or ``None`` for the baseline.
+        masks: initial masks ``{name: bool tensor}`` (e.g. from pruning at initialisation) instead of random ones.
+        init: re-initialise active weights for their sparse fan-in: ``"fanin"``, ``"fanout"``, ``"fanavg"``,
+            ``"layer"`` or ``None`` (keep the model's init); ``init_gain`` is the variance gain (2 = He).
+        seed: seeds the library's own ``torch.Generator`` (masks, SET growth); the global RNG is never touched.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        density: float | Mapping[str, float] = 0.1,
+        *,
+        distribution: str = "erk",
+        erk_power_scale: float = 1.0,
+        custom_densities: Mapping[str, float] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        module_types: Sequence[type[nn.Module]] = DEFAULT_MODULE_TYPES,
+        prune_first_layer: bool = False,
+        prune_last_layer: bool = True,
+        topology: Topology | None = None,
+        preconditioner: SparseOpt | None = None,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        init: str | None = None,
+        init_gain: float = 2.0,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.topology = topology if topology is not None else Static()
+        self.preconditioner = preconditioner
+        self.params = self._select(model, density, include, exclude, module_types, prune_first_layer,
+                                   prune_last_layer)
+        self._check_optimizer_holds_params()
+        device = self.params[0].param.device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+        shapes = {p.name: tuple(p.shape) for p in self.params}
+        if isinstance(density, Mapping):
+            self.target_nnz = {n: layer_nnz({n: s}, density[n], "uniform")[n] for n, s in shapes.items()}
+        else:
+            self.target_nnz = layer_nnz(shapes, density, distribution, erk_power_scale=erk_power_scale,
+                                        custom=custom_densities)
+        self.masks = self._initial_masks(masks, device)
+        self._broadcast_masks()
+        self.fired = {n: m.clone() for n, m in self.masks.items()}
+        self.changed = dict.fromkeys(self.masks, 0)
+        self.step_count = 0
+        self._precondition_names = self._resolve_preconditioner_scope()
+        self._refresh_grad_scales()
+        with torch.no_grad():
+            for p in self.params:
+                if init is not None:
+                    sparse_init_(p.param, self.masks[p.name], init, gain=init_gain, generator=self.generator)
+                p.param.mul_(self.masks[p.name])
+        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
+                       optimizer.register_step_post_hook(self._after_step)]
+        self._skipped = False
+
+    # ---- construction helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _select(model, density, include, exclude, module_types, prune_first_layer, prune_last_layer):
+        if isinstance(density, Mapping):
+            candidates = {p.name: p for p in select_sparse_params(model, include=["*"], module_types=module_types)}
+            unknown = sorted(set(density) - set(candidates))
+            if unknown:
+                raise ValueError(f"the density map names unknown or non-sparsifiable parameters {unknown}; "
+                                 f"sparsifiable weights are {sorted(candidates)}")
+            if not density:
+                raise ValueError("the density map is empty; give at least one {parameter_name: density}")
+            for name, d in density.items():
+                check_density(d, f"density of {name}")
+            return [candidates[n] for n in candidates if n in density]
+        check_density(density)
+        return select_sparse_params(model, include=include, exclude=exclude, module_types=module_types,
+                                    prune_first_layer=prune_first_layer, prune_last_layer=prune_last_layer)
+
+    def _check_optimizer_holds_params(self) -> None:
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [p.name for p in self.params if id(p.param) not in held]
+        if missing:
+            raise ValueError(f"the optimizer does not hold the sparse weights {missing}; build the optimizer from "
+                             "this model's parameters (e.g. torch.optim.SGD(model.parameters(), ...)) before "
+                             "creating SparseTraining")
+
+    def _initial_masks(self, masks, device) -> dict[str, torch.Tensor]:
+        if masks is None:
+            return {p.name: random_mask(p.shape, self.target_nnz[p.name], self.generator, device)
+                    for p in self.params}
+        unknown = sorted(set(masks) - {p.name for p in self.params})
+        if unknown:
+            raise ValueError(f"masks given for parameters that are not sparse: {unknown}")
+        out = {}
+        for p in self.params:
+            if p.name not in masks:
+                raise ValueError(f"no mask given for sparse weight {p.name!r}")
+            m = masks[p.name].to(device=device, dtype=torch.bool)
+            if m.shape != p.shape:
+                raise ValueError(f"mask for {p.name!r} has shape {tuple(m.shape)}, the weight {tuple(p.shape)}")
+            out[p.name] = m.clone()
+            self.target_nnz[p.name] = int(m.sum())
+        return out
+
+    def _resolve_preconditioner_scope(self) -> set[str]:
+        if self.preconditioner is None:
+            return set()
+        names = {p.name for p in self.params}
+        if self.preconditioner.scope == "all":
+            return names
+        module_of = {p.name: p.name.rsplit(".", 1)[0] for p in self.params}
+        feeders = layers_feeding_batchnorm(self.model, set(module_of.values()), self.preconditioner.example_input)
+        return {n for n in names if module_of[n] in feeders}
+
+    # ---- mask-dependent caches --------------------------------------------------------------------------------
+    def factors(self) -> dict[str, torch.Tensor]:
+        """SparseOpt factors per preconditioned layer (empty without a preconditioner)."""
+        if self.preconditioner is None or not self._precondition_names:
+            return {}
+        return self.preconditioner.factors({n: self.masks[n] for n in self._precondition_names})
+
+    def _refresh_grad_scales(self) -> None:
+        """mask * c in the weight's dtype: masking and preconditioning become a single multiply per step."""
+        factors = self.factors()
+        self._grad_scale = {}
+        for p in self.params:
+            scale = self.masks[p.name].to(p.param.dtype)
+            if p.name in factors:
+                scale = scale * factors[p.name].to(p.param.dtype)
+            self._grad_scale[p.name] = scale
+
+    def _broadcast_masks(self) -> None:
+        """Under torch.distributed, rank 0's masks win, so every rank trains the same sparse network."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for m in self.masks.values():
+                buf = m.to(torch.uint8)
+                dist.broadcast(buf, src=0)
+                m.copy_(buf.bool())
+
+    # ---- the per-step pipeline ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _before_step(self, optimizer, args, kwargs):
+        self._skipped = False
+        if self.topology.is_update_step(self.step_count):
+            self._update_masks()
+            if self.topology.skip_step_on_update:
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+                self._skipped = True
+                return None
+        for p in self.params:
+            if p.param.grad is not None:
+                p.param.grad.mul_(self._grad_scale[p.name])
+        return None
+
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        for p in self.params:
+            p.param.mul_(self.masks[p.name])
+        self.step_count += 1
+
+    def _grow_gradients(self) -> dict[str, torch.Tensor | None]:
+        grads = {p.name: p.param.grad for p in self.params}
+        if self.preconditioner is not None and self.preconditioner.regrow_gradient == "corrected":
+            factors = self.factors()
+            grads = {n: g * factors[n] if (g is not None and n in factors) else g for n, g in grads.items()}
+        return grads
+
+    def _update_masks(self) -> None:
+        t = self.step_count
+        grads = self._grow_gradients() if self.topology.needs_gradient else {}
+        new_masks = {}
+        for p in self.params:
+            mask = self.masks[p.name]
+            n = self.topology.drop_count(t, int(mask.sum()))
+            if n == 0:
+                new_masks[p.name] = mask
+                continue
+            w = p.param.detach()
+            new_masks[p.name] = drop_and_grow(mask, self.topology.drop_score(w),
+                                              self.topology.grow_score(w, grads.get(p.name), self.generator), n)
+        old = {n: m.clone() for n, m in self.masks.items()}
+        for n, m in new_masks.items():
+            self.masks[n].copy_(m)
+        self._broadcast_masks()
+        for p in self.params:
+            self._apply_new_mask(p, old[p.name], self.masks[p.name])
+        self._refresh_grad_scales()
+
+    def _apply_new_mask(self, p: SparseParam, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Zero new weights and the optimizer state of grown and dropped entries; survivors keep both."""
+        survived = old & new
+        p.param.mul_(survived)
+        for value in self.optimizer.state.get(p.param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                value.mul_(survived)
+        self.changed[p.name] = int((new & ~old).sum())
+        self.fired[p.name] |= new
+
+    # ---- inspection and checkpoints --------------------------------------------------------------------------
+    def itop(self) -> float:
+        """In-time over-parameterisation rate: fraction of all sparse-layer entries ever active (SPEC 4)."""
+        return sum(int(f.sum()) for f in self.fired.values()) / sum(f.numel() for f in self.fired.values())
+
+    def report(self) -> SparsityReport:
+        rows = []
+        for p in self.params:
+            mask, numel = self.masks[p.name], p.param.numel()
+            rows.append(LayerReport(
+                name=p.name, shape=tuple(p.shape), numel=numel, target_density=self.target_nnz[p.name] / numel,
+                density=int(mask.sum()) / numel, itop=int(self.fired[p.name].sum()) / numel,
+                changed=self.changed[p.name], zero_fanin=int((fan_in(mask) == 0).sum())))
+        return SparsityReport(step=self.step_count, layers=rows)
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "step": self.step_count,
+            "generator": self.generator.get_state(),
+            "masks": {n: m.clone() for n, m in self.masks.items()},
+            "fired": {n: f.clone() for n, f in self.fired.items()},
+            "changed": dict(self.changed),
+            "target_nnz": dict(self.target_nnz),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise ValueError("not a SparseTraining state dict of version "
+                             f"{STATE_VERSION}; it was not saved by this sparseopt version's state_dict()")
+        expected = {p.name: p.shape for p in self.params}
+        if set(state["masks"]) != set(expected):
+            raise ValueError(f"state dict masks {sorted(state['masks'])} do not match this model's sparse "
+                             f"weights {sorted(expected)}; build SparseTraining with the same sparse-set options")
+        for name, shape in expected.items():
+            if state["masks"][name].shape != shape:
+                raise ValueError(f"saved mask for {name!r} has shape {tuple(state['masks'][name].shape)}, "
+                                 f"the weight has {tuple(shape)}")
+        with torch.no_grad():
+            for name in expected:
+                self.masks[name].copy_(state["masks"][name])
+                self.fired[name].copy_(state["fired"][name])
+            for p in self.params:
+                p.param.mul_(self.masks[p.name])
+        self.step_count = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.changed = dict(state["changed"])
+        self.target_nnz = dict(state["target_nnz"])
+        self._refresh_grad_scales()
+
+    def remove(self) -> None:
+        """Detach from the optimizer: later steps are plain dense steps."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __repr__(self) -> str:
+        return (f"SparseTraining({len(self.params)} sparse weights, density={self.report().density:.4f}, "
+                f"topology={self.topology!r}, preconditioner={self.preconditioner!r})")

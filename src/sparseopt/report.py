@@ -1,0 +1,59 @@
+"""A readable per-layer account of a sparse model: shapes, densities, exploration, last changes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    target_density: float
+    density: float          # active fraction of the mask
+    itop: float             # fraction of entries ever active (ITOP rate, SPEC 4)
+    changed: int            # connections grown at the last mask update
+    zero_fanin: int         # output units with no active input: dead under BatchNorm
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    step: int
+    layers: list[LayerReport]
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel for r in self.layers)
+
+    @property
+    def density(self) -> float:
+        return sum(r.density * r.numel for r in self.layers) / self.numel
+
+    @property
+    def target_density(self) -> float:
+        return sum(r.target_density * r.numel for r in self.layers) / self.numel
+
+    @property
+    def itop(self) -> float:
+        return sum(r.itop * r.numel for r in self.layers) / self.numel
+
+    @property
+    def changed(self) -> int:
+        return sum(r.changed for r in self.layers)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "numel": self.numel, "density": self.density, "target_density": self.target_density,
+                "itop": self.itop, "changed": self.changed, "layers": [asdict(r) for r in self.layers]}
+
+    def __str__(self) -> str:
+        head = ("layer", "shape", "target", "density", "ITOP", "changed", "dead units")
+        rows = [(r.name, "x".join(map(str, r.shape)), f"{r.target_density:.4f}", f"{r.density:.4f}", f"{r.itop:.4f}",
+                 str(r.changed), str(r.zero_fanin)) for r in self.layers]
+        rows.append(("total", f"{self.numel} weights", f"{self.target_density:.4f}", f"{self.density:.4f}",
+                     f"{self.itop:.4f}", str(self.changed), str(sum(r.zero_fanin for r in self.layers))))
+        widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+        fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        rule = "-" * len(fmt(head))
+        return "\n".join([f"sparsity report at step {self.step}", fmt(head), rule, *map(fmt, rows[:-1]), rule,
+                          fmt(rows[-1])])

@@ -1,0 +1,7 @@
+"""Topologies: static masks, SET and RigL, and their update schedule."""
+
+from sparseopt.topology.base import Static, Topology
+from sparseopt.topology.dst import SET, RigL
+from sparseopt.topology.schedules import UpdateSchedule
+
+__all__ = ["RigL", "SET", "Static", "Topology", "UpdateSchedule"]

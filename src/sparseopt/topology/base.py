@@ -1,0 +1,36 @@
+"""The interface the training pipeline drives: a topology decides whether and how masks change at a step."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Topology:
+    """Base of all topologies. Dynamic ones override :meth:`is_update_step`, :meth:`drop_count` and
+    :meth:`grow_score`; schedules are pure functions of the step, so a topology holds no state to checkpoint."""
+
+    needs_gradient = False
+    #: Skip the optimizer step on mask-update steps (RigL TF and JaxPruner do).
+    skip_step_on_update = True
+
+    def is_update_step(self, step: int) -> bool:
+        return False
+
+    def drop_count(self, step: int, nnz: int) -> int:
+        return 0
+
+    def drop_score(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.abs()
+
+    def grow_score(
+        self, weight: torch.Tensor, grad: torch.Tensor | None, generator: torch.Generator
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+
+class Static(Topology):
+    """Static sparsity: the initial mask (random, ERK/uniform, or from pruning at initialisation) never changes."""
+
+    def __repr__(self) -> str:
+        return "Static()"
