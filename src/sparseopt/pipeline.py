@@ -212,7 +212,8 @@ class SparseTraining:
         grads = {p.name: p.param.grad for p in self.params}
         if self.preconditioner is not None and self.preconditioner.regrow_gradient == "corrected":
             factors = self.factors()
-            grads = {n: g * factors[n] if (g is not None and n in factors) else g for n, g in grads.items()}
+            grads = {n: g * factors[n].to(g.dtype) if (g is not None and n in factors) else g
+                     for n, g in grads.items()}
         return grads
 
     def _update_masks(self) -> None:
