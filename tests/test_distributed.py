@@ -1,0 +1,60 @@
+"""Two gloo ranks on CPU: every rank must train the same sparse network."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import sparseopt as so
+from helpers import mlp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank, world, port, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for topology in ("set", "rigl"):
+            train(rank, topology, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(rank, topology, out):
+    net = mlp(widths=(10, 32, 32, 4), seed=0)
+    model = nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    topo = (so.SET if topology == "set" else so.RigL)(update_every=2, drop_fraction=0.5, end_step=20)
+    # Different seeds per rank on purpose: rank 0's masks must win, and stay in sync at every update.
+    sparse = so.SparseTraining(model, opt, 0.2, topology=topo, seed=rank, preconditioner=so.SparseOpt())
+    g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    for _ in range(9):
+        x, y = torch.randn(16, 10, generator=g), torch.randint(0, 4, (16,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save({"masks": sparse.masks, "fired": sparse.fired,
+                "weights": {k: v.detach().clone() for k, v in model.module.named_parameters()}},
+               os.path.join(out, f"{topology}{rank}.pt"))
+
+
+def test_masks_and_weights_identical_across_ddp_ranks(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for topology in ("set", "rigl"):
+        a, b = [torch.load(tmp_path / f"{topology}{r}.pt", weights_only=True) for r in range(2)]
+        for name in a["masks"]:
+            assert torch.equal(a["masks"][name], b["masks"][name])
+            assert torch.equal(a["fired"][name], b["fired"][name])
+        for name in a["weights"]:
+            assert torch.equal(a["weights"][name], b["weights"][name]), name
+        assert any(not torch.equal(a["fired"][n], a["masks"][n]) for n in a["masks"])  # masks did move
