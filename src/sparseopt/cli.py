@@ -1,0 +1,119 @@
+"""The ``sparseopt`` command: parses, validates, prints. The work lives in sparseopt.experiments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sparseopt.data.errors import DataError
+from sparseopt.experiments.configio import ConfigError, apply_overrides, from_dict, load_yaml
+from sparseopt.experiments.errors import UserError
+from sparseopt.experiments.schema import RunConfig
+
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparseopt", description="Sparse training that converges like dense.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="dense vs RigL vs RigL+SparseOpt at 95%% sparsity on embedded MNIST")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--seeds", type=int, default=3)
+    demo.add_argument("--epochs", type=float, default=6.0)
+    demo.add_argument("--workers", type=int, default=None, help="parallel runs (default: up to 2)")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--quiet", action="store_true")
+
+    train = sub.add_parser("train", help="train one configuration")
+    train.add_argument("config", nargs="?", help="YAML config (optional with --resume: the run's own is used)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set optim.lr=0.05 (repeatable)")
+    train.add_argument("--out", help="output folder (default: runs/<name>)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    train.add_argument("--quiet", action="store_true")
+
+    report = sub.add_parser("report", help="table and plots comparing finished runs")
+    report.add_argument("runs", nargs="+", help="run folders")
+    report.add_argument("--out", default=None, help="where to write report.md and plots (default: first run's parent)")
+    report.add_argument("--target", type=float, default=0.9, help="accuracy for the steps-to-target column")
+    return parser
+
+
+def _load_config(path: str | None, overrides: list[str], resume: str | None) -> RunConfig:
+    if path is None and resume is None:
+        raise UserError("give a config file (sparseopt train CONFIG.yaml) or --resume RUN_DIR")
+    source = Path(resume) / "config.yaml" if path is None else Path(path)
+    if path is None and not source.is_file():
+        raise UserError(f"cannot resume: {source} is missing; is {resume} a run folder?")
+    return from_dict(RunConfig, apply_overrides(load_yaml(source), overrides))
+
+
+def _cmd_train(args) -> int:
+    from sparseopt.experiments.runner import train
+
+    cfg = _load_config(args.config, args.overrides, args.resume)
+    out = args.resume or args.out or str(Path("runs") / cfg.name)
+    results = train(cfg, out, overwrite=args.overwrite, resume=args.resume is not None, quiet=args.quiet)
+    print(f"{cfg.name}: final test accuracy {results['final']['test_accuracy']:.4f}, best "
+          f"{results['best']['test_accuracy']:.4f} at step {results['best']['step']} ({results['steps']} steps, "
+          f"{results['wall_time']:.1f} s); results in {out}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from sparseopt.experiments.report import make_report
+
+    out = args.out or str(Path(args.runs[0]).resolve().parent)
+    summary = make_report(args.runs, out, target=args.target)
+    print(summary["table"])
+    print(f"\nwritten: {Path(out) / 'report.md'}, {', '.join(summary['plots'])}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from sparseopt.experiments.demo import run_demo
+
+    summary = run_demo(args.out, seeds=args.seeds, epochs=args.epochs, workers=args.workers,
+                       overwrite=args.overwrite, quiet=args.quiet)
+    d = summary["sparseopt_minus_rigl"]
+    print(f"\nMNIST subset (4,000 train / 1,000 test), BatchNorm MLP 784-300-100-10, density {summary['density']}, "
+          f"{summary['epochs']:g} epochs, {summary['seeds']} seeds:\n")
+    print(summary["table"])
+    print(f"\nRigL+SparseOpt minus RigL, final test accuracy, paired over {d['pairs']} seeds: "
+          f"{100 * d['mean']:+.2f} ± {100 * d['sd']:.2f} points (sd)")
+    print(f"written: {args.out}/results.json, report.md, train_loss.png, test_accuracy.png, runs/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"train": _cmd_train, "report": _cmd_report, "demo": _cmd_demo}
+    try:
+        return commands[args.command](args)
+    except (UserError, ConfigError, DataError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValueError as err:  # the core library's input checks
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        from sparseopt.experiments.runner import Interrupted
+        if isinstance(err, Interrupted):
+            print(str(err), file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

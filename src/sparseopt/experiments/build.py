@@ -1,0 +1,99 @@
+"""Turn a validated RunConfig into data, model, optimizer, scheduler and the sparse-training pipeline."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import sparseopt as so
+from sparseopt.data import build_datasets, dataset_options
+from sparseopt.data.registry import DataBundle
+from sparseopt.experiments.errors import UserError
+from sparseopt.experiments.lr_schedule import warmup_cosine_scheduler
+from sparseopt.experiments.schema import RunConfig
+from sparseopt.models import build_model
+
+
+@dataclass
+class Experiment:
+    config: RunConfig
+    data: DataBundle
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sparse: so.SparseTraining | None
+    total_steps: int
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is 'cuda' but no CUDA device is visible; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def build_data(cfg: RunConfig) -> DataBundle:
+    d = cfg.data
+    wanted = {"batch_size": d.batch_size, "test_batch_size": d.test_batch_size, "augment": d.augment,
+              "download": d.download, "num_workers": d.num_workers, "data_seed": d.data_seed, "seed": cfg.train.seed}
+    accepted = dataset_options(d.name)
+    return build_datasets(d.name, d.root, **{k: v for k, v in wanted.items() if k in accepted})
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    lr = o.lr * cfg.data.batch_size / 256 if o.scale_lr_by_batch else o.lr
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+    if len(o.betas) != 2:
+        raise UserError(f"optim.betas must hold two numbers, got {o.betas}")
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 total_steps: int) -> so.SparseTraining | None:
+    s = cfg.sparsity
+    if s.method == "dense":
+        if cfg.sparseopt.enabled:
+            raise UserError("sparseopt.enabled needs a sparse model; set sparsity.method to static, set or rigl")
+        return None
+    if s.method == "static":
+        topology = so.Static()
+    else:
+        end_step = max(s.start_step + 1, int(s.end_fraction * total_steps))
+        cls = so.RigL if s.method == "rigl" else so.SET
+        topology = cls(s.update_every, s.drop_fraction, start_step=s.start_step, end_step=end_step,
+                       annealing=s.annealing, skip_step_on_update=s.skip_step_on_update)
+    p = cfg.sparseopt
+    preconditioner = so.SparseOpt(normalize=p.normalize, scope=p.scope, regrow_gradient=p.regrow_gradient,
+                                  max_factor=p.max_factor) if p.enabled else None
+    return so.SparseTraining(model, optimizer, s.density, distribution=s.distribution,
+                             erk_power_scale=s.erk_power_scale, exclude=s.exclude,
+                             prune_first_layer=s.prune_first_layer, prune_last_layer=s.prune_last_layer,
+                             topology=topology, preconditioner=preconditioner,
+                             init=None if s.init == "none" else s.init, seed=cfg.train.seed)
+
+
+def build_experiment(cfg: RunConfig) -> Experiment:
+    """Everything a run needs, built before anything is written to disk (bad input fails here, cleanly)."""
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    data = build_data(cfg)
+    try:
+        model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options).to(device)
+    except TypeError as err:
+        raise UserError(f"model.options {cfg.model.options} do not fit model {cfg.model.name!r}: {err}") from err
+    optimizer = build_optimizer(cfg, model)
+    total_steps = max(1, math.ceil(cfg.train.epochs * len(data.train)))
+    warmup = int(cfg.optim.warmup_epochs * len(data.train))
+    peak = optimizer.param_groups[0]["lr"]
+    scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=warmup, total_steps=total_steps, peak_lr=peak,
+                                        min_lr=cfg.optim.min_lr)
+    sparse = build_sparse(cfg, model, optimizer, total_steps)
+    return Experiment(cfg, data, model, optimizer, scheduler, sparse, total_steps, device)

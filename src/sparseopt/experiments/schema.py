@@ -1,0 +1,96 @@
+"""The typed experiment configuration: every key a YAML config may hold, with its type, range and default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sparseopt.experiments.configio import option
+
+
+@dataclass
+class DataConfig:
+    name: Literal["mnist", "cifar10", "cifar100", "imagenet", "synthetic"] = "mnist"
+    root: str | None = option(None, help="folder holding the dataset (CIFAR/ImageNet); unused for mnist/synthetic")
+    download: bool = option(False, help="download CIFAR if it is not under root")
+    batch_size: int = option(128, gt=0)
+    test_batch_size: int = option(1000, gt=0)
+    augment: bool = option(True, help="CIFAR: random crop (padding 4) + horizontal flip")
+    num_workers: int = option(4, ge=0, help="ImageNet decoding workers")
+    data_seed: int = option(0, help="fixes the train/test split, independently of train.seed")
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("cnn", help="mlp, mlp_bn_mnist, cnn, resnet20/32/56, resnet50, or package.module:callable")
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SparsityConfig:
+    method: Literal["dense", "static", "set", "rigl"] = "rigl"
+    density: float = option(0.1, gt=0, le=1, help="fraction of weights kept (1 - sparsity)")
+    distribution: Literal["erk", "uniform"] = "erk"
+    erk_power_scale: float = option(1.0, ge=0)
+    update_every: int = option(100, gt=0, help="steps between mask updates")
+    drop_fraction: float = option(0.3, ge=0, le=1)
+    start_step: int = option(0, ge=0)
+    end_fraction: float = option(0.75, gt=0, le=1, help="mask updates stop at this fraction of training")
+    annealing: Literal["cosine", "constant"] = "cosine"
+    skip_step_on_update: bool = True
+    prune_first_layer: bool = False
+    prune_last_layer: bool = True
+    exclude: list[str] = field(default_factory=list)
+    init: Literal["none", "fanin", "fanout", "fanavg", "layer"] = "none"
+
+
+@dataclass
+class SparseOptConfig:
+    enabled: bool = False
+    normalize: bool = True
+    scope: Literal["all", "bn_followed"] = "all"
+    regrow_gradient: Literal["original", "corrected"] = "original"
+    max_factor: float | None = option(None, gt=0)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = option(0.1, gt=0, help="peak learning rate")
+    scale_lr_by_batch: bool = option(False, help="peak lr = lr * batch_size / 256 (ImageNet practice)")
+    momentum: float = option(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = option(5e-4, ge=0)
+    warmup_epochs: float = option(0.0, ge=0)
+    min_lr: float = option(0.0, ge=0)
+    label_smoothing: float = option(0.0, ge=0, lt=1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = option(10.0, gt=0)
+    eval_every: int = option(0, ge=0, help="steps between evaluations; 0 = once per epoch")
+    log_every: int = option(20, gt=0)
+    keep_last: int = option(2, ge=1, help="checkpoints kept besides best.pt")
+    seed: int = 0
+    deterministic: bool = option(False, help="deterministic kernels (slower on GPU)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    formats: list[Literal["jsonl", "csv"]] = field(default_factory=lambda: ["jsonl", "csv"])
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = option("run", help="label shared by runs that differ only in seed (used by report)")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    sparseopt: SparseOptConfig = field(default_factory=SparseOptConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
