@@ -21,8 +21,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="dense vs RigL vs RigL+SparseOpt at 95%% sparsity on embedded MNIST")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--seeds", type=int, default=3)
-    demo.add_argument("--epochs", type=float, default=6.0)
+    demo.add_argument("--seeds", type=int, default=5)
+    demo.add_argument("--epochs", type=float, default=20.0)
     demo.add_argument("--workers", type=int, default=None, help="parallel runs (default: up to 2)")
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--quiet", action="store_true")

@@ -42,7 +42,8 @@ def build_data(cfg: RunConfig) -> DataBundle:
     wanted = {"batch_size": d.batch_size, "test_batch_size": d.test_batch_size, "augment": d.augment,
               "download": d.download, "num_workers": d.num_workers, "data_seed": d.data_seed, "seed": cfg.train.seed}
     accepted = dataset_options(d.name)
-    return build_datasets(d.name, d.root, **{k: v for k, v in wanted.items() if k in accepted})
+    options = {k: v for k, v in wanted.items() if k in accepted}
+    return build_datasets(d.name, d.root, **{**options, **d.options})
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -55,7 +55,7 @@ def _paired_difference(rows_by_run: dict[tuple[str, int], float], a: str, b: str
     return statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0, len(diffs)
 
 
-def run_demo(out: str | Path, *, seeds: int = 3, epochs: float = 6.0, workers: int | None = None,
+def run_demo(out: str | Path, *, seeds: int = 5, epochs: float = 20.0, workers: int | None = None,
              overwrite: bool = False, quiet: bool = False) -> dict:
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")

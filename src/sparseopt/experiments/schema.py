@@ -18,6 +18,7 @@ class DataConfig:
     augment: bool = option(True, help="CIFAR: random crop (padding 4) + horizontal flip")
     num_workers: int = option(4, ge=0, help="ImageNet decoding workers")
     data_seed: int = option(0, help="fixes the train/test split, independently of train.seed")
+    options: dict[str, Any] = field(default_factory=dict)  # dataset-specific, e.g. synthetic n_train/shape
 
 
 @dataclass
