@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/sparseopt demo --out runs/demo --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
