@@ -11,10 +11,13 @@ from sparseopt.distributions import layer_nnz
 from sparseopt.init import sparse_init_
 from sparseopt.masks import random_mask, select_sparse_params
 from sparseopt.optim import SparseOpt
+from sparseopt.optim import HAM
 from sparseopt.pipeline import SparseTraining
 from sparseopt.report import SparsityReport
 from sparseopt.topology import SET, RigL, Static, UpdateSchedule
+from sparseopt.topology import prune_at_init
 
 __version__ = "0.1.0"
 __all__ = ["RigL", "SET", "SparseOpt", "SparseTraining", "SparsityReport", "Static", "UpdateSchedule",
            "layer_nnz", "random_mask", "select_sparse_params", "sparse_init_"]
+__all__ += ["HAM", "prune_at_init"]

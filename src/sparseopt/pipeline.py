@@ -6,6 +6,7 @@ official step hooks, so the user's loop (``loss.backward(); optimizer.step(); sc
     before the step   1. on a mask-update step: drop/grow from the raw dense gradients, zero new weights and
                          reset their optimizer state, update ITOP, recompute factors; by default skip this step
                       2. otherwise: grad <- (mask * c) * grad       (masking and SparseOpt in one multiply)
+                         [optional renormalize: rescale all grads to the norm τ of the masked, uncorrected ones]
     the user's optimizer step (SGD, Adam, AdamW, ... unchanged)
     after the step    3. weight <- weight * mask; step counter + 1
 """
@@ -22,6 +23,7 @@ from sparseopt.distributions import check_density, layer_nnz
 from sparseopt.graph import layers_feeding_batchnorm
 from sparseopt.init import sparse_init_
 from sparseopt.masks import DEFAULT_MODULE_TYPES, SparseParam, fan_in, random_mask, select_sparse_params
+from sparseopt.optim.renorm import RENORM_MODES, global_grad_norm, renormalize_
 from sparseopt.optim.sparseopt import SparseOpt
 from sparseopt.report import LayerReport, SparsityReport
 from sparseopt.selection import drop_and_grow
@@ -48,6 +50,9 @@ class SparseTraining:
         init: re-initialise active weights for their sparse fan-in: ``"fanin"``, ``"fanout"``, ``"fanavg"``,
             ``"layer"`` or ``None`` (keep the model's init); ``init_gain`` is the variance gain (2 = He).
         seed: seeds the library's own ``torch.Generator`` (masks, SET growth); the global RNG is never touched.
+        renormalize: ``None`` (default), ``"clip"`` or ``"exact"``: after the SparseOpt multiply, rescale all the
+            optimizer's gradients by ``min(1, τ/‖g̃‖)`` or ``τ/‖g̃‖``, τ being the global norm of the masked but
+            uncorrected gradients (SPEC 1.6, an ablation isolating SparseOpt's change of direction).
     """
 
     def __init__(
@@ -70,9 +75,13 @@ class SparseTraining:
         init: str | None = None,
         init_gain: float = 2.0,
         seed: int = 0,
+        renormalize: str | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if renormalize is not None and renormalize not in RENORM_MODES:
+            raise ValueError(f"unknown renormalize {renormalize!r}; choose None or one of {RENORM_MODES}")
+        self.renormalize = renormalize
         self.model = model
         self.optimizer = optimizer
         self.topology = topology if topology is not None else Static()
@@ -104,7 +113,6 @@ class SparseTraining:
                 p.param.mul_(self.masks[p.name])
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
-        self._skipped = False
 
     # ---- construction helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -188,19 +196,30 @@ class SparseTraining:
     # ---- the per-step pipeline ----------------------------------------------------------------------------
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs):
-        self._skipped = False
         if self.topology.is_update_step(self.step_count):
             self._update_masks()
             if self.topology.skip_step_on_update:
                 for group in optimizer.param_groups:
                     for p in group["params"]:
                         p.grad = None
-                self._skipped = True
                 return None
+        reference = self._masked_grad_norm(optimizer) if self.renormalize is not None else None
         for p in self.params:
             if p.param.grad is not None:
                 p.param.grad.mul_(self._grad_scale[p.name])
+        if reference is not None:
+            renormalize_([p.grad for p in self._with_grad(optimizer)], reference, self.renormalize)
         return None
+
+    @staticmethod
+    def _with_grad(optimizer) -> list[nn.Parameter]:
+        return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def _masked_grad_norm(self, optimizer) -> torch.Tensor:
+        """τ: global norm over all the optimizer's gradients, sparse ones masked, before SparseOpt scaling."""
+        masks = {id(p.param): self.masks[p.name] for p in self.params}
+        return global_grad_norm([p.grad * masks[id(p)] if id(p) in masks else p.grad
+                                 for p in self._with_grad(optimizer)])
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
