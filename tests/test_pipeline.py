@@ -237,3 +237,36 @@ def test_sparse_init_restores_fan_in_variance():
     # each active weight ~ N(0, 2/k_i): the normalised second moment is 1
     assert ((w ** 2 * k / 2)[m].mean()).item() == pytest.approx(1.0, rel=0.05)
     assert torch.all(w[~m] == 0)
+
+
+@pytest.mark.parametrize("grow_init", ["random_normal", "random_uniform", "grad_sign", "grad_scale"])
+def test_grow_init_sets_grown_weights_at_the_survivors_scale_with_zero_state(grow_init):
+    net = mlp(widths=(10, 40, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sparse = so.SparseTraining(net, opt, {"0.weight": 0.3}, topology=so.SET(
+        update_every=2, drop_fraction=0.5, start_step=1, end_step=50, annealing="constant", grow_init=grow_init))
+    train_step(net, opt, 0)
+    before = sparse.masks["0.weight"].clone()
+    w = net[0].weight
+    x, y = batch(net, 1)
+    nn.functional.cross_entropy(net(x), y).backward()
+    grad = w.grad.clone()
+    opt.step()  # step 1: mask update, weight update skipped
+    grown = sparse.masks["0.weight"] & ~before
+    survived = sparse.masks["0.weight"] & before
+    sigma = w[survived].std()
+    assert grown.any()
+    assert torch.all(opt.state[w]["momentum_buffer"][grown] == 0)
+    if grow_init.startswith("random"):
+        assert torch.all(w[grown] != 0)
+    if grow_init == "grad_sign":
+        assert torch.equal(w[grown], -sigma * torch.sign(grad[grown]))
+    if grow_init == "grad_scale":
+        assert torch.allclose(w[grown], -sigma * grad[grown] / grad[grown].std())
+    if grow_init == "random_normal":
+        assert 0.3 < (w[grown].std() / sigma).item() < 3.0
+
+
+def test_unknown_grow_init_is_named():
+    with pytest.raises(ValueError, match="unknown grow_init 'ones'"):
+        so.RigL(end_step=10, grow_init="ones")

@@ -253,17 +253,23 @@ class SparseTraining:
             self.masks[n].copy_(m)
         self._broadcast_masks()
         for p in self.params:
-            self._apply_new_mask(p, old[p.name], self.masks[p.name])
+            self._apply_new_mask(p, old[p.name], self.masks[p.name], grads.get(p.name))
         self._refresh_grad_scales()
 
-    def _apply_new_mask(self, p: SparseParam, old: torch.Tensor, new: torch.Tensor) -> None:
-        """Zero new weights and the optimizer state of grown and dropped entries; survivors keep both."""
+    def _apply_new_mask(self, p: SparseParam, old: torch.Tensor, new: torch.Tensor,
+                        grad: torch.Tensor | None) -> None:
+        """Zero the optimizer state of grown and dropped entries and set grown weights (0 unless the topology's
+        ``grow_init`` says otherwise); survivors keep value and state."""
         survived = old & new
+        grown = new & ~old
+        values = self.topology.grow_values(p.param, grad, survived, grown, self.generator)
         p.param.mul_(survived)
+        if values is not None:
+            p.param[grown] = values.to(p.param.dtype)
         for value in self.optimizer.state.get(p.param, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == p.shape:
                 value.mul_(survived)
-        self.changed[p.name] = int((new & ~old).sum())
+        self.changed[p.name] = int(grown.sum())
         self.fired[p.name] |= new
 
     # ---- inspection and checkpoints --------------------------------------------------------------------------

@@ -22,6 +22,10 @@ class Topology:
     def drop_score(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.abs()
 
+    def grow_values(self, weight: torch.Tensor, grad: torch.Tensor | None, survived: torch.Tensor,
+                    grown: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        return None
+
     def grow_score(
         self, weight: torch.Tensor, grad: torch.Tensor | None, generator: torch.Generator
     ) -> torch.Tensor:

@@ -8,7 +8,16 @@ from sparseopt.topology.base import Topology
 from sparseopt.topology.schedules import UpdateSchedule
 
 
+GROW_INITS = ("zeros", "random_normal", "random_uniform", "grad_scale", "grad_sign")
+
+
 class _DropAndGrow(Topology):
+    """Shared by SET and RigL. ``grow_init`` sets the value of newly grown weights: ``"zeros"`` (the reference
+    default); or, at the scale σ of the layer's surviving weights, ``"random_normal"`` N(0, σ²),
+    ``"random_uniform"`` with the same variance, ``"grad_sign"`` −σ·sign(g), ``"grad_scale"`` −σ·g/std(g) over
+    the grown entries (a first step against the gradient). The non-zero modes are RigL-TF parity knobs, default off.
+    """
+
     def __init__(
         self,
         update_every: int = 100,
@@ -18,9 +27,17 @@ class _DropAndGrow(Topology):
         end_step: int | None = None,
         annealing: str = "cosine",
         skip_step_on_update: bool = True,
+        grow_init: str = "zeros",
     ) -> None:
+        if grow_init not in GROW_INITS:
+            raise ValueError(f"unknown grow_init {grow_init!r}; choose one of {GROW_INITS}")
         self.schedule = UpdateSchedule(update_every, drop_fraction, start_step, end_step, annealing)
         self.skip_step_on_update = skip_step_on_update
+        self.grow_init = grow_init
+
+    @property
+    def needs_gradient(self) -> bool:
+        return self.grow_init in ("grad_scale", "grad_sign")
 
     def is_update_step(self, step: int) -> bool:
         return self.schedule.is_update_step(step)
@@ -29,11 +46,32 @@ class _DropAndGrow(Topology):
         """k = floor(f(t) · nnz), as RigL TF."""
         return int(self.schedule.fraction(step) * nnz)
 
+    def grow_values(self, weight: torch.Tensor, grad: torch.Tensor | None, survived: torch.Tensor,
+                    grown: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """Values for the grown entries (shape of ``weight[grown]``), or None to leave them at 0."""
+        if self.grow_init == "zeros" or not grown.any():
+            return None
+        kept = weight[survived]
+        sigma = kept.std() if kept.numel() > 1 else weight.new_tensor(0.0)
+        n = int(grown.sum())
+        if self.grow_init == "random_normal":
+            return torch.randn(n, generator=generator, device=weight.device, dtype=weight.dtype) * sigma
+        if self.grow_init == "random_uniform":
+            u = torch.rand(n, generator=generator, device=weight.device, dtype=weight.dtype) * 2 - 1
+            return u * sigma * 3 ** 0.5
+        if grad is None:
+            raise RuntimeError(f"grow_init={self.grow_init!r} needs the gradient at the mask-update step")
+        g = grad[grown]
+        if self.grow_init == "grad_sign":
+            return -sigma * torch.sign(g)
+        scale = g.std() if g.numel() > 1 else g.abs().max()
+        return -sigma * g / scale if scale > 0 else torch.zeros_like(g)
+
     def __repr__(self) -> str:
         s = self.schedule
         return (f"{type(self).__name__}(update_every={s.update_every}, drop_fraction={s.drop_fraction}, "
                 f"start_step={s.start_step}, end_step={s.end_step}, annealing={s.annealing!r}, "
-                f"skip_step_on_update={self.skip_step_on_update})")
+                f"skip_step_on_update={self.skip_step_on_update}, grow_init={self.grow_init!r})")
 
 
 class SET(_DropAndGrow):
@@ -46,7 +84,9 @@ class SET(_DropAndGrow):
 class RigL(_DropAndGrow):
     """Rigged Lottery: drop by |w|, grow where the dense gradient |∂L/∂w| is largest."""
 
-    needs_gradient = True
+    @property
+    def needs_gradient(self) -> bool:
+        return True
 
     def grow_score(self, weight, grad, generator):
         if grad is None:
