@@ -192,3 +192,25 @@ def test_demo_runs_all_methods_and_writes_its_outputs(tmp_path, capsys):
     assert all(r["final_test_accuracy"] > 0.8 for r in summary["rows"])
     assert (out / "test_accuracy.png").is_file() and len(list((out / "runs").iterdir())) == 6
     assert main(["demo", "--out", str(out), "--seeds", "1", "--epochs", "1", "--quiet"]) == 2
+
+
+def test_diagnose_grad_ratio_writes_table_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "gr"
+    assert main(["diagnose", "grad-ratio", "--out", str(out), "--seeds", "2", "--sparsities", "0.5,0.9",
+                 "--batches", "10"]) == 0
+    assert "slope" in capsys.readouterr().out
+    assert (out / "grad_ratio.png").read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    bn = next(r for r in rows if r["norm"] == "batch" and r["s"] == 0.9)
+    assert abs(bn["mean"] / 10 ** 0.5 - 1) < 0.15
+    assert main(["diagnose", "grad-ratio", "--out", str(out), "--sparsities", "1.5"]) == 2
+
+
+def test_diagnose_hessian_on_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, {**TINY, "train": {**TINY["train"], "epochs": 1}})
+    assert main(["train", config, "--out", str(out), "--quiet"]) == 0
+    assert main(["diagnose", "hessian", str(out), "--samples", "64", "--k", "2"]) == 0
+    result = json.loads((out / "hessian.json").read_text())
+    assert result["restricted"]["status"] == "ok" and len(result["restricted"]["eigenvalues"]) == 2
+    assert main(["diagnose", "hessian", str(tmp_path / "nothing")]) == 2

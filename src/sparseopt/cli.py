@@ -34,13 +34,35 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder (default: runs/<name>)")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    train.add_argument("--deterministic", action="store_true", help="same as --set train.deterministic=true")
     train.add_argument("--quiet", action="store_true")
 
     report = sub.add_parser("report", help="table and plots comparing finished runs")
     report.add_argument("runs", nargs="+", help="run folders")
     report.add_argument("--out", default=None, help="where to write report.md and plots (default: first run's parent)")
     report.add_argument("--target", type=float, default=0.9, help="accuracy for the steps-to-target column")
+    diagnose = sub.add_parser("diagnose", help="diagnostics that test the theory").add_subparsers(
+        dest="diagnostic", required=True)
+    ratio = diagnose.add_parser("grad-ratio", help="BatchNorm gradient ratio vs 1/sqrt(1-s) on embedded MNIST")
+    ratio.add_argument("--out", default="runs/grad-ratio")
+    ratio.add_argument("--seeds", type=int, default=10)
+    ratio.add_argument("--sparsities", type=_floats, default=[0.0, 0.5, 0.8, 0.9, 0.95, 0.98])
+    ratio.add_argument("--norms", type=lambda s: s.split(","), default=["batch", "none", "layer"])
+    ratio.add_argument("--batches", type=int, default=100)
+    hess = diagnose.add_parser("hessian", help="top Hessian eigenvalues of a run vs the 2/lr stability bound")
+    hess.add_argument("run", help="run folder (its latest checkpoint is analysed)")
+    hess.add_argument("--out", default=None, help="default: the run folder")
+    hess.add_argument("--k", type=int, default=4)
+    hess.add_argument("--samples", type=int, default=1000, help="first N training examples (Cohen et al.: 5000)")
+    hess.add_argument("--trace-samples", type=int, default=0, help="Hutchinson probes for the trace (0 = off)")
     return parser
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _load_config(path: str | None, overrides: list[str], resume: str | None) -> RunConfig:
@@ -55,7 +77,8 @@ def _load_config(path: str | None, overrides: list[str], resume: str | None) -> 
 def _cmd_train(args) -> int:
     from sparseopt.experiments.runner import train
 
-    cfg = _load_config(args.config, args.overrides, args.resume)
+    overrides = args.overrides + (["train.deterministic=true"] if args.deterministic else [])
+    cfg = _load_config(args.config, overrides, args.resume)
     out = args.resume or args.out or str(Path("runs") / cfg.name)
     results = train(cfg, out, overwrite=args.overwrite, resume=args.resume is not None, quiet=args.quiet)
     print(f"{cfg.name}: final test accuracy {results['final']['test_accuracy']:.4f}, best "
@@ -89,9 +112,30 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_diagnose(args) -> int:
+    from sparseopt.experiments import diagnose
+
+    if args.diagnostic == "grad-ratio":
+        result = diagnose.grad_ratio(args.out, seeds=args.seeds, sparsities=args.sparsities, norms=args.norms,
+                                     batches=args.batches)
+        print(result["table"])
+        print(f"\nwritten: {args.out}/results.json, {args.out}/grad_ratio.png")
+        return 0
+    result = diagnose.hessian(args.run, args.out, k=args.k, samples=args.samples, trace_samples=args.trace_samples)
+    for name in ("unrestricted", "restricted", "preconditioned"):
+        if name in result:
+            r = result[name]
+            print(f"{name:>15}: top eigenvalues {[round(v, 4) for v in r['eigenvalues']]} "
+                  f"({r['status']}, {r['matvecs']} Hessian-vector products)")
+    threshold = result.get("threshold")
+    print(f"stability threshold at step {result['step']} (lr {result['lr']:.4g}): "
+          + (f"{threshold:.4f}" if threshold is not None else "none (the learning rate is 0)"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": _cmd_train, "report": _cmd_report, "demo": _cmd_demo}
+    commands = {"train": _cmd_train, "report": _cmd_report, "demo": _cmd_demo, "diagnose": _cmd_diagnose}
     try:
         return commands[args.command](args)
     except (UserError, ConfigError, DataError) as err:

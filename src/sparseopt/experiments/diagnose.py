@@ -1,0 +1,77 @@
+"""`sparseopt diagnose ...`: run the diagnostics of sparseopt.diagnostics and write results.json + plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sparseopt.experiments.checkpoint import atomic_write
+from sparseopt.experiments.errors import UserError
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    with atomic_write(path) as f:
+        json.dump(payload, f, indent=2)
+
+
+def grad_ratio(out: str | Path, *, seeds: int = 10, sparsities: list[float], norms: list[str],
+               batches: int = 100) -> dict:
+    """Paper 001 Fig. 2 on the embedded MNIST subset: measured gradient ratio vs 1/sqrt(1 - s)."""
+    from sparseopt.data import load_mnist_subset
+    from sparseopt.diagnostics import format_table, gradient_ratio_experiment, plot_gradient_ratio
+
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    bad = [s for s in sparsities if not 0 <= s < 1]
+    if bad:
+        raise UserError(f"sparsities must be in [0, 1), got {bad}")
+    x, y, _, _ = load_mnist_subset()
+    result = gradient_ratio_experiment(x, y, sparsities, norms=tuple(norms), seeds=range(seeds), batches=batches)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_gradient_ratio(result, out / "grad_ratio.png")
+    _write_json(out / "results.json", result)
+    return {"table": format_table(result), **result}
+
+
+def hessian(run_dir: str | Path, out: str | Path | None = None, *, k: int = 4, samples: int = 1000,
+            physical_batch: int = 1000, trace_samples: int = 0) -> dict:
+    """Top-k Hessian eigenvalues of a run's latest checkpoint against its edge-of-stability threshold."""
+    import torch
+
+    from sparseopt.diagnostics import sharpness_report
+    from sparseopt.experiments.build import build_experiment
+    from sparseopt.experiments.checkpoint import CheckpointManager
+    from sparseopt.experiments.configio import from_dict, load_yaml
+    from sparseopt.experiments.schema import RunConfig
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"))
+    exp = build_experiment(cfg)
+    state = CheckpointManager(run_dir / "checkpoints").load_latest(map_location=exp.device)
+    if state is None:
+        raise UserError(f"{run_dir} has no checkpoint to analyse")
+    exp.model.load_state_dict(state["model"])
+    exp.optimizer.load_state_dict(state["optimizer"])
+    if exp.sparse is not None:
+        exp.sparse.load_state_dict(state["sparse"])
+    loader = exp.data.train
+    if not hasattr(loader, "x"):
+        raise UserError("diagnose hessian needs an in-memory dataset (mnist, cifar, synthetic)")
+    x, y = loader.x[:samples], loader.y[:samples]
+    if loader.normalize is not None:
+        x = loader.normalize(x)
+    group = exp.optimizer.param_groups[0]
+    result = sharpness_report(
+        exp.model, x.to(exp.device), y.to(exp.device),
+        masks=exp.sparse.masks if exp.sparse else None, factors=exp.sparse.factors() if exp.sparse else None,
+        k=k, lr=group["lr"] if group["lr"] > 0 else None, momentum=group.get("momentum", 0.0), nesterov=group.get("nesterov", False),
+        physical_batch=physical_batch, trace_samples=trace_samples)
+    result.update({"run": str(run_dir), "step": int(state["step"]), "samples": int(len(x)), "lr": group["lr"],
+                   "torch": torch.__version__})
+    out = Path(out) if out is not None else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "hessian.json", result)
+    return result
