@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sparseopt.experiments.build import Experiment, build_experiment
+from sparseopt.experiments.callbacks import Callback, StepContext
 from sparseopt.experiments.checkpoint import CheckpointManager, atomic_write
 from sparseopt.experiments.configio import dump_yaml, to_dict
 from sparseopt.experiments.errors import UserError
@@ -106,8 +107,9 @@ class Runner:
     """Trains one RunConfig into ``out``; ``run()`` returns the results dict it also writes as results.json."""
 
     def __init__(self, cfg: RunConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, callbacks: list[Callback] = ()) -> None:
         self.cfg, self.out, self.quiet, self.resume = cfg, Path(out), quiet, resume
+        self.callbacks = list(callbacks)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -128,7 +130,8 @@ class Runner:
         return {"model": e.model.state_dict(), "optimizer": e.optimizer.state_dict(),
                 "scheduler": e.scheduler.state_dict(), "sparse": e.sparse.state_dict() if e.sparse else None,
                 "loader": e.data.train.state_dict(), "rng": torch.get_rng_state(),
-                "step": self.step, "elapsed": self.elapsed, "best": dict(self.best)}
+                "step": self.step, "elapsed": self.elapsed, "best": dict(self.best),
+                "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
 
     def _save(self, metric: float | None = None) -> Path:
         return self.ckpt.save(self._state(), self.step, metric)
@@ -150,6 +153,8 @@ class Runner:
         except (KeyError, ValueError, RuntimeError) as err:
             raise UserError(f"the checkpoint in {self.out / 'checkpoints'} does not fit this config ({err}); "
                             "resume with the config.yaml saved in the run folder") from err
+        for c in self.callbacks:
+            c.load_state_dict(state.get("callbacks", {}).get(c.name, {}))
         torch.set_rng_state(state["rng"].cpu())
         self.step, self.elapsed, self.best = int(state["step"]), float(state["elapsed"]), dict(state["best"])
 
@@ -179,11 +184,42 @@ class Runner:
         self._save(metrics["accuracy"])
         return metrics["accuracy"]
 
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, log_now: bool) -> tuple[float, int, float]:
+        """One optimizer step; returns (loss, correct predictions, gradient norm if ``log_now`` else 0)."""
+        e = self.exp
+        x, y = x.to(e.device, non_blocking=True), y.to(e.device, non_blocking=True)
+        logits = e.model(x)
+        loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.cfg.optim.label_smoothing)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"loss became {value} at step {self.step}; the last good checkpoint "
+                f"({self.ckpt.latest() or 'none yet'}) is intact. Lower optim.lr, add warmup "
+                "(optim.warmup_epochs) or check the data")
+        e.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = gradient_norm(e.model) if log_now else 0.0
+        e.optimizer.step()
+        e.scheduler.step()
+        return value, int((logits.argmax(1) == y).sum()), grad_norm
+
+    def _run_callbacks(self, logger: RunLogger) -> None:
+        due = [c for c in self.callbacks if c.every > 0 and self.step % c.every == 0]
+        if not due:
+            return
+        e = self.exp
+        loader = e.data.train
+        ctx = StepContext(self.step, e.model, e.optimizer, e.sparse, getattr(loader, "x", None),
+                          getattr(loader, "y", None), e.device)
+        for c in due:
+            metrics = c(ctx)
+            if metrics:
+                logger.log(self.step, metrics, split=c.name)
+
     def run(self) -> dict:
         e, cfg = self.exp, self.cfg
         logger = RunLogger(self.out, formats=cfg.logging.formats, tensorboard=cfg.logging.tensorboard,
                            resume_step=self.step if self.resume else None)
-        label_smoothing = cfg.optim.label_smoothing
         e.model.train()
         window = [0.0, 0, 0]  # loss sum, correct, count since the last log
         test_acc = None
@@ -194,24 +230,11 @@ class Runner:
                 while self.step < e.total_steps:
                     for x, y in e.data.train:
                         tic = time.perf_counter()
-                        x, y = x.to(e.device, non_blocking=True), y.to(e.device, non_blocking=True)
-                        logits = e.model(x)
-                        loss = nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
-                        if not math.isfinite(loss.item()):
-                            last = self.ckpt.latest()
-                            raise TrainingDiverged(
-                                f"loss became {loss.item()} at step {self.step}; the last good checkpoint "
-                                f"({last or 'none yet'}) is intact. Lower optim.lr, add warmup "
-                                "(optim.warmup_epochs) or check the data")
-                        e.optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
                         log_now = (self.step + 1) % cfg.train.log_every == 0
-                        grad_norm = gradient_norm(e.model) if log_now else 0.0
-                        e.optimizer.step()
-                        e.scheduler.step()
+                        loss, correct, grad_norm = self._train_step(x, y, log_now)
                         self.step += 1
-                        window[0] += loss.item() * len(y)
-                        window[1] += (logits.argmax(1) == y).sum().item()
+                        window[0] += loss * len(y)
+                        window[1] += correct
                         window[2] += len(y)
                         self.elapsed += time.perf_counter() - tic
                         if log_now:
@@ -219,6 +242,7 @@ class Runner:
                             bar.set_postfix(loss=f"{window[0] / window[2]:.3f}",
                                             acc=f"{test_acc:.3f}" if test_acc is not None else "-")
                             window = [0.0, 0, 0]
+                        self._run_callbacks(logger)
                         if self._eval_due():
                             test_acc = self._evaluate(logger)
                         bar.update(1)
@@ -252,6 +276,6 @@ class Runner:
 
 
 def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
-          quiet: bool = False) -> dict:
+          quiet: bool = False, callbacks: list[Callback] = ()) -> dict:
     """Train ``cfg`` into ``out`` and return its results (see :class:`Runner`)."""
-    return Runner(cfg, out, overwrite=overwrite, resume=resume, quiet=quiet).run()
+    return Runner(cfg, out, overwrite=overwrite, resume=resume, quiet=quiet, callbacks=callbacks).run()
