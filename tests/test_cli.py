@@ -214,3 +214,25 @@ def test_diagnose_hessian_on_a_run(tmp_path, capsys):
     result = json.loads((out / "hessian.json").read_text())
     assert result["restricted"]["status"] == "ok" and len(result["restricted"]["eigenvalues"]) == 2
     assert main(["diagnose", "hessian", str(tmp_path / "nothing")]) == 2
+
+
+def test_pruning_at_init_ham_and_renorm_are_reachable_from_configs(tmp_path):
+    from sparseopt.experiments.build import build_experiment
+    from sparseopt.experiments.configio import from_dict
+    from sparseopt.experiments.schema import RunConfig
+
+    config = {**TINY, "sparsity": {"method": "static", "density": 0.3, "initial_mask": "snip", "pai_batches": 2},
+              "optim": {**TINY["optim"], "ham": True}, "sparseopt": {"enabled": True, "renormalize": "clip"},
+              "train": {**TINY["train"], "epochs": 1}}
+    out = tmp_path / "run"
+    assert main(["train", write_config(tmp_path, config), "--out", str(out), "--quiet"]) == 0
+    fresh = build_experiment(from_dict(RunConfig, config))     # same seed: the same SNIP mask at step 0
+    assert type(fresh.optimizer).__name__ == "HAM" and fresh.sparse.renormalize == "clip"
+    saved = load_checkpoint(sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1])["sparse"]["masks"]
+    assert all(torch.equal(saved[n], fresh.sparse.masks[n]) for n in saved)  # static: the SNIP mask is kept
+    random = build_experiment(from_dict(RunConfig, {**config, "sparsity": {**config["sparsity"],
+                                                                           "initial_mask": "random"}}))
+    assert any(not torch.equal(saved[n], random.sparse.masks[n]) for n in saved)
+    assert main(["train", write_config(tmp_path, {**config, "sparsity": {"method": "dense",
+                                                                         "initial_mask": "snip"}}, "d.yaml"),
+                 "--out", str(tmp_path / "dense")]) == 2

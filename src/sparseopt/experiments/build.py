@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -50,19 +51,38 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     lr = o.lr * cfg.data.batch_size / 256 if o.scale_lr_by_batch else o.lr
     if o.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov,
+        base = torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay)
-    if len(o.betas) != 2:
-        raise UserError(f"optim.betas must hold two numbers, got {o.betas}")
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    else:
+        if len(o.betas) != 2:
+            raise UserError(f"optim.betas must hold two numbers, got {o.betas}")
+        base = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    if not o.ham:
+        return base
+    return so.HAM(base, o.ham_alpha, o.ham_beta, max_weight_norm=o.ham_max_weight_norm)
+
+
+def initial_masks(cfg: RunConfig, model: nn.Module, data: DataBundle) -> dict[str, torch.Tensor] | None:
+    """Pruning-at-initialisation masks (SPEC 5) from the first training batches, or None for random masks."""
+    s = cfg.sparsity
+    if s.initial_mask == "random":
+        return None
+    batches = list(itertools.islice(iter(data.train), s.pai_batches))
+    data.train.set_epoch(0)  # scoring must not move the training order
+    device = next(model.parameters()).device
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    return so.prune_at_init(model, s.density, s.initial_mask, data=batches, distribution=s.distribution,
+                            scope=s.pai_scope, samples_per_class=s.grasp_samples_per_class, exclude=s.exclude,
+                            prune_first_layer=s.prune_first_layer, prune_last_layer=s.prune_last_layer)
 
 
 def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 total_steps: int) -> so.SparseTraining | None:
+                 total_steps: int, masks: dict[str, torch.Tensor] | None = None) -> so.SparseTraining | None:
     s = cfg.sparsity
     if s.method == "dense":
-        if cfg.sparseopt.enabled:
-            raise UserError("sparseopt.enabled needs a sparse model; set sparsity.method to static, set or rigl")
+        if cfg.sparseopt.enabled or s.initial_mask != "random":
+            raise UserError("sparseopt.enabled and sparsity.initial_mask need a sparse model; set "
+                            "sparsity.method to static, set or rigl")
         return None
     if s.method == "static":
         topology = so.Static()
@@ -70,7 +90,7 @@ def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
         end_step = max(s.start_step + 1, int(s.end_fraction * total_steps))
         cls = so.RigL if s.method == "rigl" else so.SET
         topology = cls(s.update_every, s.drop_fraction, start_step=s.start_step, end_step=end_step,
-                       annealing=s.annealing, skip_step_on_update=s.skip_step_on_update)
+                       annealing=s.annealing, skip_step_on_update=s.skip_step_on_update, grow_init=s.grow_init)
     p = cfg.sparseopt
     preconditioner = so.SparseOpt(normalize=p.normalize, scope=p.scope, regrow_gradient=p.regrow_gradient,
                                   max_factor=p.max_factor) if p.enabled else None
@@ -78,7 +98,8 @@ def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
                              erk_power_scale=s.erk_power_scale, exclude=s.exclude,
                              prune_first_layer=s.prune_first_layer, prune_last_layer=s.prune_last_layer,
                              topology=topology, preconditioner=preconditioner,
-                             init=None if s.init == "none" else s.init, seed=cfg.train.seed)
+                             init=None if s.init == "none" else s.init, seed=cfg.train.seed, masks=masks,
+                             renormalize=None if p.renormalize == "none" else p.renormalize)
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
@@ -96,5 +117,6 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     peak = optimizer.param_groups[0]["lr"]
     scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=warmup, total_steps=total_steps, peak_lr=peak,
                                         min_lr=cfg.optim.min_lr)
-    sparse = build_sparse(cfg, model, optimizer, total_steps)
+    masks = initial_masks(cfg, model, data) if cfg.sparsity.method != "dense" else None
+    sparse = build_sparse(cfg, model, optimizer, total_steps, masks)
     return Experiment(cfg, data, model, optimizer, scheduler, sparse, total_steps, device)

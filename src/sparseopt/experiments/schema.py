@@ -43,6 +43,12 @@ class SparsityConfig:
     prune_last_layer: bool = True
     exclude: list[str] = field(default_factory=list)
     init: Literal["none", "fanin", "fanout", "fanavg", "layer"] = "none"
+    grow_init: Literal["zeros", "random_normal", "random_uniform", "grad_sign", "grad_scale"] = "zeros"
+    initial_mask: Literal["random", "magnitude", "snip", "grasp"] = option(
+        "random", help="where the first mask comes from: random (per distribution) or pruning at initialisation")
+    pai_scope: Literal["global", "layer"] = "global"
+    pai_batches: int = option(1, gt=0, help="training batches scored by SNIP/GraSP")
+    grasp_samples_per_class: int = option(10, gt=0)
 
 
 @dataclass
@@ -52,6 +58,8 @@ class SparseOptConfig:
     scope: Literal["all", "bn_followed"] = "all"
     regrow_gradient: Literal["original", "corrected"] = "original"
     max_factor: float | None = option(None, gt=0)
+    renormalize: Literal["none", "clip", "exact"] = option(
+        "none", help="rescale corrected gradients to the uncorrected global norm (paper 001 App. F ablation)")
 
 
 @dataclass
@@ -66,6 +74,10 @@ class OptimConfig:
     warmup_epochs: float = option(0.0, ge=0)
     min_lr: float = option(0.0, ge=0)
     label_smoothing: float = option(0.0, ge=0, lt=1)
+    ham: bool = option(False, help="wrap the optimizer in HAM (hyperbolic aware minimization)")
+    ham_alpha: float = option(200.0, ge=0)
+    ham_beta: float = option(1e-3, ge=0)
+    ham_max_weight_norm: float | None = option(1000.0, gt=0)
 
 
 @dataclass
