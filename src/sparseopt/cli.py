@@ -81,6 +81,8 @@ def _cmd_train(args) -> int:
     cfg = _load_config(args.config, overrides, args.resume)
     out = args.resume or args.out or str(Path("runs") / cfg.name)
     results = train(cfg, out, overwrite=args.overwrite, resume=args.resume is not None, quiet=args.quiet)
+    if not results:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(f"{cfg.name}: final test accuracy {results['final']['test_accuracy']:.4f}, best "
           f"{results['best']['test_accuracy']:.4f} at step {results['best']['step']} ({results['steps']} steps, "
           f"{results['wall_time']:.1f} s); results in {out}")

@@ -14,7 +14,7 @@ from sparseopt.experiments.configio import to_dict
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.report import make_report
 from sparseopt.experiments.runlog import progress
-from sparseopt.experiments.runner import prepare_out_dir, train
+from sparseopt.experiments.runner import train
 from sparseopt.experiments.schema import RunConfig
 
 DEMO_DENSITY = 0.05

@@ -24,6 +24,7 @@ from sparseopt.experiments.build import Experiment, build_experiment
 from sparseopt.experiments.callbacks import Callback, StepContext
 from sparseopt.experiments.checkpoint import CheckpointManager, atomic_write
 from sparseopt.experiments.configio import dump_yaml, to_dict
+from sparseopt.experiments.distributed import any_rank, barrier, init_from_env, shard
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.runlog import RunLogger, progress
 from sparseopt.experiments.schema import RunConfig
@@ -35,23 +36,24 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def prepare_out_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+def check_out_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
     """Refuse to mix two runs in one folder unless told how (``--overwrite`` or ``--resume``)."""
     existing = [m for m in RUN_MARKERS if (out / m).exists()]
-    if resume:
-        if not (out / "checkpoints").is_dir():
-            raise UserError(f"cannot resume: {out} holds no checkpoints/ folder; start the run without --resume")
-        return
-    if existing and not overwrite:
+    if resume and not (out / "checkpoints").is_dir():
+        raise UserError(f"cannot resume: {out} holds no checkpoints/ folder; start the run without --resume")
+    if existing and not (overwrite or resume):
         raise UserError(f"{out} already holds a run ({', '.join(existing)}); pass --overwrite to replace it "
                         "or --resume to continue it")
-    for marker in existing:
-        target = out / marker
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    for extra in ("metrics.csv", "tensorboard", "sparsity.txt"):
-        target = out / extra
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def clear_out_dir(out: Path) -> None:
+    """Remove a previous run's files (for ``--overwrite``), leaving anything else in the folder alone."""
+    for name in (*RUN_MARKERS, "metrics.csv", "tensorboard", "sparsity.txt", "hessian.json"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 @contextmanager
@@ -103,8 +105,21 @@ def gradient_norm(model: nn.Module) -> float:
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
+class _NoLogger:
+    """What ranks other than 0 log to under DDP: nothing."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Runner:
-    """Trains one RunConfig into ``out``; ``run()`` returns the results dict it also writes as results.json."""
+    """Trains one RunConfig into ``out``; ``run()`` returns the results dict it also writes as results.json.
+
+    Under ``torchrun`` every rank runs this; rank 0 alone writes (see :mod:`sparseopt.experiments.distributed`).
+    """
 
     def __init__(self, cfg: RunConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
                  quiet: bool = False, callbacks: list[Callback] = ()) -> None:
@@ -113,15 +128,24 @@ class Runner:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+        self.dist = init_from_env()
         self.exp: Experiment = build_experiment(cfg)      # all validation happens before the folder is touched
-        self.out.mkdir(parents=True, exist_ok=True)
-        prepare_out_dir(self.out, overwrite=overwrite, resume=resume)
+        self.net = self.exp.model
+        if self.dist.enabled:
+            ids = [torch.cuda.current_device()] if self.exp.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.exp.model, device_ids=ids)
+        check_out_dir(self.out, overwrite=overwrite, resume=resume)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                clear_out_dir(self.out)
+        barrier(self.dist)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep_last=cfg.train.keep_last, metric_mode="max")
         self.step, self.elapsed, self.best = 0, 0.0, {"accuracy": -1.0, "step": 0}
         self.last_eval: tuple[int, dict[str, float]] | None = None
         if resume:
             self._restore()
-        else:
+        elif self.dist.is_main:
             dump_yaml(cfg, self.out / "config.yaml")
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -134,7 +158,11 @@ class Runner:
                 "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
 
     def _save(self, metric: float | None = None) -> Path:
-        return self.ckpt.save(self._state(), self.step, metric)
+        path = self.ckpt.directory / f"ckpt-{self.step:08d}.pt"
+        if self.dist.is_main:
+            path = self.ckpt.save(self._state(), self.step, metric)
+        barrier(self.dist)
+        return path
 
     def _restore(self) -> None:
         state = self.ckpt.load_latest(map_location=self.exp.device)
@@ -172,8 +200,11 @@ class Runner:
             metrics["density"] = e.sparse.report().density
         return metrics
 
-    def _evaluate(self, logger: RunLogger) -> float:
+    def _evaluate(self, logger: RunLogger) -> float | None:
         e = self.exp
+        if not self.dist.is_main:
+            self._save()  # joins rank 0's barrier
+            return None
         metrics = evaluate(e.model, e.data.test, e.device)
         if e.sparse is not None:
             metrics.update({f"density/{r.name}": r.density for r in e.sparse.report().layers})
@@ -187,11 +218,12 @@ class Runner:
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, log_now: bool) -> tuple[float, int, float]:
         """One optimizer step; returns (loss, correct predictions, gradient norm if ``log_now`` else 0)."""
         e = self.exp
+        x, y = shard(self.dist, x, y)
         x, y = x.to(e.device, non_blocking=True), y.to(e.device, non_blocking=True)
-        logits = e.model(x)
+        logits = self.net(x)
         loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.cfg.optim.label_smoothing)
         value = loss.item()
-        if not math.isfinite(value):
+        if any_rank(self.dist, not math.isfinite(value))[0]:
             raise TrainingDiverged(
                 f"loss became {value} at step {self.step}; the last good checkpoint "
                 f"({self.ckpt.latest() or 'none yet'}) is intact. Lower optim.lr, add warmup "
@@ -204,6 +236,8 @@ class Runner:
         return value, int((logits.argmax(1) == y).sum()), grad_norm
 
     def _run_callbacks(self, logger: RunLogger) -> None:
+        if not self.dist.is_main:
+            return
         due = [c for c in self.callbacks if c.every > 0 and self.step % c.every == 0]
         if not due:
             return
@@ -219,7 +253,7 @@ class Runner:
     def run(self) -> dict:
         e, cfg = self.exp, self.cfg
         logger = RunLogger(self.out, formats=cfg.logging.formats, tensorboard=cfg.logging.tensorboard,
-                           resume_step=self.step if self.resume else None)
+                           resume_step=self.step if self.resume else None) if self.dist.is_main else _NoLogger()
         e.model.train()
         window = [0.0, 0, 0]  # loss sum, correct, count since the last log
         test_acc = None
@@ -246,7 +280,7 @@ class Runner:
                         if self._eval_due():
                             test_acc = self._evaluate(logger)
                         bar.update(1)
-                        if interrupt["stop"]:
+                        if any_rank(self.dist, interrupt["stop"])[0]:
                             raise Interrupted(self._save())
                         if self.step >= e.total_steps:
                             break
@@ -256,6 +290,8 @@ class Runner:
 
     def _finish(self) -> dict:
         e = self.exp
+        if not self.dist.is_main:
+            return {}
         if self.last_eval is not None and self.last_eval[0] == self.step:
             final = self.last_eval[1]
         else:
