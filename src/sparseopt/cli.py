@@ -41,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="run folders")
     report.add_argument("--out", default=None, help="where to write report.md and plots (default: first run's parent)")
     report.add_argument("--target", type=float, default=0.9, help="accuracy for the steps-to-target column")
+    repro = sub.add_parser("reproduce", help="run a paper table/figure preset (laptop or full scale)")
+    repro.add_argument("preset", nargs="?", help="preset name (see --list)")
+    repro.add_argument("--list", action="store_true", help="list the presets and what they reproduce")
+    repro.add_argument("--scale", choices=["laptop", "full"], default="laptop")
+    repro.add_argument("--out", default=None, help="default: runs/<preset>-<scale>")
+    repro.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                       help="comma-separated seeds (default: the preset's)")
+    repro.add_argument("--workers", type=int, default=None, help="parallel runs (1 = in this process, for GPUs)")
+    repro.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key in every run, e.g. --set data.root=/data")
+    repro.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    repro.add_argument("--quiet", action="store_true")
+
     diagnose = sub.add_parser("diagnose", help="diagnostics that test the theory").add_subparsers(
         dest="diagnostic", required=True)
     ratio = diagnose.add_parser("grad-ratio", help="BatchNorm gradient ratio vs 1/sqrt(1-s) on embedded MNIST")
@@ -114,6 +127,29 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_reproduce(args) -> int:
+    from sparseopt.experiments import presets
+
+    if args.list or not args.preset:
+        for name in presets.preset_names():
+            p = presets.load_preset(name)
+            scales = ", ".join(s for s in ("laptop", "full") if getattr(p, s) is not None)
+            print(f"{name:<28} paper {p.paper}\n{'':<28} {p.title} [{scales}]")
+        return 0
+    out = args.out or str(Path("runs") / f"{args.preset}-{args.scale}")
+    summary = presets.reproduce(args.preset, out, scale=args.scale, seeds=args.seeds, workers=args.workers,
+                                overrides=args.overrides, dry_run=args.dry_run, quiet=args.quiet)
+    if args.dry_run:
+        runs = summary["runs"]
+        for r in runs:
+            print(f"{r['name']} (seed {r['seed']}) -> {r['dir']}")
+        print(f"{len(runs)} runs" if runs else f"diagnostic with {summary['args']}")
+        return 0
+    print(summary["table"])
+    print(f"\nwritten: {out}/results.json, report.md and plots")
+    return 0
+
+
 def _cmd_diagnose(args) -> int:
     from sparseopt.experiments import diagnose
 
@@ -137,7 +173,8 @@ def _cmd_diagnose(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": _cmd_train, "report": _cmd_report, "demo": _cmd_demo, "diagnose": _cmd_diagnose}
+    commands = {"train": _cmd_train, "report": _cmd_report, "demo": _cmd_demo, "diagnose": _cmd_diagnose,
+                "reproduce": _cmd_reproduce}
     try:
         return commands[args.command](args)
     except (UserError, ConfigError, DataError) as err:

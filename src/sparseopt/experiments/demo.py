@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import statistics
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from sparseopt.experiments.checkpoint import atomic_write
 from sparseopt.experiments.configio import to_dict
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.report import make_report
-from sparseopt.experiments.runlog import progress
-from sparseopt.experiments.runner import train
+from sparseopt.experiments.batch import run_many
 from sparseopt.experiments.schema import RunConfig
 
 DEMO_DENSITY = 0.05
@@ -41,14 +38,6 @@ def demo_configs(seeds: list[int], epochs: float) -> list[RunConfig]:
     return configs
 
 
-def _train_quietly(cfg: RunConfig, out: str) -> str:
-    import torch
-
-    torch.set_num_threads(1)
-    train(cfg, out, overwrite=True, quiet=True)
-    return out
-
-
 def _paired_difference(rows_by_run: dict[tuple[str, int], float], a: str, b: str) -> tuple[float, float, int]:
     seeds = sorted(s for (n, s) in rows_by_run if n == a and (b, s) in rows_by_run)
     diffs = [rows_by_run[(a, s)] - rows_by_run[(b, s)] for s in seeds]
@@ -64,13 +53,7 @@ def run_demo(out: str | Path, *, seeds: int = 5, epochs: float = 20.0, workers: 
         raise UserError(f"{out} already holds a demo (results.json); pass --overwrite to replace it")
     configs = demo_configs(list(range(seeds)), epochs)
     run_dirs = [str(out / "runs" / f"{c.name}-seed{c.train.seed}") for c in configs]
-    workers = workers or min(2, os.cpu_count() or 1)
-    with ProcessPoolExecutor(max_workers=workers) as pool, progress(total=len(configs), desc="demo runs",
-                                                                   quiet=quiet) as bar:
-        futures = [pool.submit(_train_quietly, c, d) for c, d in zip(configs, run_dirs)]
-        for future in as_completed(futures):
-            future.result()
-            bar.update(1)
+    run_many(configs, run_dirs, workers=workers, quiet=quiet, desc="demo runs")
     report = make_report(run_dirs, out, target=0.9)
     finals = {}
     for d in run_dirs:

@@ -1,0 +1,124 @@
+"""Reproduction presets: each table/figure of the papers as a grid of runs, at laptop or full scale.
+
+A preset (``src/sparseopt/presets/<name>.yaml``) names the paper item it reproduces and, per scale, a base
+config, variants (the compared methods, as config overrides), axes (dotted config keys swept, e.g.
+``sparsity.density``) and seeds. ``laptop`` scale substitutes the embedded MNIST subset and small models so the
+grid runs on a CPU in minutes; ``full`` is the paper's setting (CIFAR-100 / ImageNet ResNets, GPUs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from sparseopt.experiments.batch import run_many
+from sparseopt.experiments.checkpoint import atomic_write
+from sparseopt.experiments.configio import apply_overrides, from_dict, load_yaml, merge
+from sparseopt.experiments.errors import UserError
+from sparseopt.experiments.report import make_report
+from sparseopt.experiments.schema import RunConfig
+
+
+@dataclass
+class ScaleSpec:
+    base_from: str | None = None  # a shared base config in presets/_bases/<name>.yaml, under ``base``
+    base: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    workers: int | None = None
+    target: float = 0.9
+    args: dict[str, Any] = field(default_factory=dict)  # for diagnostic presets
+
+
+@dataclass
+class Preset:
+    title: str
+    paper: str
+    kind: Literal["train", "grad-ratio"] = "train"
+    notes: str = ""
+    laptop: ScaleSpec | None = None
+    full: ScaleSpec | None = None
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("sparseopt") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_"))
+
+
+def _read_package_yaml(*parts: str) -> dict:
+    with resources.as_file(resources.files("sparseopt").joinpath("presets", *parts)) as path:
+        return load_yaml(path)
+
+
+def load_preset(name: str) -> Preset:
+    names = preset_names()
+    if name not in names:
+        import difflib
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"unknown preset {name!r}{hint}; `sparseopt reproduce --list` shows all {len(names)}")
+    return from_dict(Preset, _read_package_yaml(f"{name}.yaml"))
+
+
+def _label(key: str, value: Any) -> str:
+    return f"{key.rsplit('.', 1)[-1]}={value}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+=-]+", "_", text).strip("_")
+
+
+def expand(spec: ScaleSpec, overrides: list[str] = (), seeds: list[int] | None = None) -> list[RunConfig]:
+    """Every (variant, axis values, seed) as a validated RunConfig; all errors surface before anything runs."""
+    if not spec.variants:
+        raise UserError("the preset has no variants to run")
+    base = merge(_read_package_yaml("_bases", f"{spec.base_from}.yaml"), spec.base) if spec.base_from else spec.base
+    configs = []
+    keys = list(spec.axes)
+    for variant, variant_overrides in spec.variants.items():
+        for values in itertools.product(*(spec.axes[k] for k in keys)):
+            name = " ".join([variant, *(_label(k, v) for k, v in zip(keys, values))])
+            for seed in seeds if seeds is not None else spec.seeds:
+                data = merge(base, variant_overrides)
+                sets = [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]
+                data = apply_overrides(data, [*sets, f"train.seed={seed}", *overrides])
+                data["name"] = name
+                configs.append(from_dict(RunConfig, data))
+    return configs
+
+
+def reproduce(name: str, out: str | Path, *, scale: str = "laptop", seeds: list[int] | None = None,
+              workers: int | None = None, overrides: list[str] = (), dry_run: bool = False,
+              quiet: bool = False) -> dict:
+    preset = load_preset(name)
+    spec = getattr(preset, scale, None)
+    if spec is None:
+        raise UserError(f"preset {name!r} has no {scale!r} scale; it has: "
+                        f"{[s for s in ('laptop', 'full') if getattr(preset, s) is not None]}")
+    out = Path(out)
+    if preset.kind == "grad-ratio":
+        from sparseopt.experiments.diagnose import grad_ratio
+
+        args = dict(spec.args)
+        if seeds is not None:
+            args["seeds"] = len(seeds)
+        if dry_run:
+            return {"preset": name, "runs": [], "args": args}
+        return {"preset": name, **grad_ratio(out, **args)}
+    configs = expand(spec, list(overrides), seeds)
+    run_dirs = [str(out / "runs" / f"{_slug(c.name)}-seed{c.train.seed}") for c in configs]
+    if dry_run:
+        return {"preset": name, "runs": [{"name": c.name, "seed": c.train.seed, "dir": d}
+                                         for c, d in zip(configs, run_dirs)]}
+    run_many(configs, run_dirs, workers=workers or spec.workers, quiet=quiet, desc=name)
+    report = make_report(run_dirs, out, target=spec.target)
+    summary = {"preset": name, "title": preset.title, "paper": preset.paper, "scale": scale, **report}
+    with atomic_write(out / "results.json") as f:
+        json.dump(summary, f, indent=2)
+    return summary

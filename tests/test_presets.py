@@ -1,0 +1,42 @@
+"""Every reproduction preset expands to valid run configs at both scales; a laptop preset runs end to end."""
+
+import json
+
+import pytest
+
+from sparseopt.cli import main
+from sparseopt.experiments.errors import UserError
+from sparseopt.experiments.presets import expand, load_preset, preset_names
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_expands_to_valid_configs(name):
+    preset = load_preset(name)
+    assert preset.laptop is not None and preset.full is not None
+    for spec in (preset.laptop, preset.full):
+        if preset.kind == "train":
+            configs = expand(spec)
+            names = {c.name for c in configs}
+            assert len(configs) == len(names) * len(spec.seeds)
+            assert all(c.train.seed in spec.seeds for c in configs)
+
+
+def test_laptop_preset_runs_and_reports(tmp_path, capsys):
+    out = tmp_path / "repro"
+    assert main(["reproduce", "paper000-table1", "--out", str(out), "--seeds", "0", "--workers", "1", "--quiet",
+                 "--set", "train.epochs=1"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert {r["name"] for r in summary["rows"]} == {"rigl density=0.2", "rigl density=0.1",
+                                                     "rigl+sparseopt density=0.2", "rigl+sparseopt density=0.1"}
+    assert "rigl+sparseopt density=0.1" in capsys.readouterr().out
+    cfg = json.loads((out / "runs" / "rigl+sparseopt_density=0.1-seed0" / "results.json").read_text())["config"]
+    assert cfg["sparseopt"]["normalize"] is False and cfg["sparsity"]["density"] == 0.1
+
+
+def test_unknown_preset_and_bad_override_are_named(tmp_path, capsys):
+    assert main(["reproduce", "paper001-tabel2", "--dry-run"]) == 2
+    assert "did you mean 'paper001-table2'" in capsys.readouterr().err
+    assert main(["reproduce", "paper001-table2", "--dry-run", "--set", "optim.lrr=1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+    with pytest.raises(UserError):
+        load_preset("nope")
