@@ -236,3 +236,12 @@ def test_pruning_at_init_ham_and_renorm_are_reachable_from_configs(tmp_path):
     assert main(["train", write_config(tmp_path, {**config, "sparsity": {"method": "dense",
                                                                          "initial_mask": "snip"}}, "d.yaml"),
                  "--out", str(tmp_path / "dense")]) == 2
+
+
+def test_config_prints_a_complete_template_that_validates(tmp_path, capsys):
+    from sparseopt.experiments.configio import from_dict
+    from sparseopt.experiments.schema import RunConfig
+
+    assert main(["config", "--set", "sparsity.density=0.05"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["sparsity"]["density"] == 0.05 and from_dict(RunConfig, data).sparsity.density == 0.05

@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="run folders")
     report.add_argument("--out", default=None, help="where to write report.md and plots (default: first run's parent)")
     report.add_argument("--target", type=float, default=0.9, help="accuracy for the steps-to-target column")
+    show = sub.add_parser("config", help="print a config with every key at its default (a template to edit)")
+    show.add_argument("preset_or_file", nargs="?", help="optional YAML config to resolve against the defaults")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     repro = sub.add_parser("reproduce", help="run a paper table/figure preset (laptop or full scale)")
     repro.add_argument("preset", nargs="?", help="preset name (see --list)")
     repro.add_argument("--list", action="store_true", help="list the presets and what they reproduce")
@@ -127,6 +131,17 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_config(args) -> int:
+    import yaml
+
+    from sparseopt.experiments.configio import to_dict
+
+    data = load_yaml(args.preset_or_file) if args.preset_or_file else {}
+    cfg = from_dict(RunConfig, apply_overrides(data, args.overrides))
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from sparseopt.experiments import presets
 
@@ -174,7 +189,7 @@ def _cmd_diagnose(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": _cmd_train, "report": _cmd_report, "demo": _cmd_demo, "diagnose": _cmd_diagnose,
-                "reproduce": _cmd_reproduce}
+                "reproduce": _cmd_reproduce, "config": _cmd_config}
     try:
         return commands[args.command](args)
     except (UserError, ConfigError, DataError) as err:
