@@ -107,4 +107,4 @@ def random_mask(
 
 def fan_in(mask: torch.Tensor) -> torch.Tensor:
     """Active fan-in k_i of every output unit (row of a Linear weight, output channel of a Conv weight)."""
-    return mask.reshape(mask.shape[0], -1).sum(dim=1)
+    return mask.reshape(mask.shape[0], -1).count_nonzero(dim=1)

@@ -26,7 +26,7 @@ from sparseopt.masks import DEFAULT_MODULE_TYPES, SparseParam, fan_in, random_ma
 from sparseopt.optim.renorm import RENORM_MODES, global_grad_norm, renormalize_
 from sparseopt.optim.sparseopt import SparseOpt
 from sparseopt.report import LayerReport, SparsityReport
-from sparseopt.selection import drop_and_grow
+from sparseopt.selection import MaskChange, drop_and_grow
 from sparseopt.topology.base import Static, Topology
 
 STATE_VERSION = 1
@@ -105,12 +105,18 @@ class SparseTraining:
         self.changed = dict.fromkeys(self.masks, 0)
         self.step_count = 0
         self._precondition_names = self._resolve_preconditioner_scope()
+        self._grad_scale: dict[str, torch.Tensor] = {}
         self._refresh_grad_scales()
         with torch.no_grad():
             for p in self.params:
                 if init is not None:
                     sparse_init_(p.param, self.masks[p.name], init, gain=init_gain, generator=self.generator)
                 p.param.mul_(self.masks[p.name])
+                # Inactive entries hold 0 in weights and optimizer state from here on, which lets mask updates
+                # touch only the entries that change.
+                for value in optimizer.state.get(p.param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                        value.mul_(self.masks[p.name])
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
 
@@ -175,19 +181,32 @@ class SparseTraining:
             return {}
         return self.preconditioner.factors({n: self.masks[n] for n in self._precondition_names})
 
-    def _refresh_grad_scales(self) -> None:
-        """mask * c in the weight's dtype: masking and preconditioning become a single multiply per step."""
-        factors = self.factors()
-        self._grad_scale = {}
+    def _refresh_grad_scales(self, changed: set[str] | None = None) -> None:
+        """mask * c in the weight's dtype: masking and preconditioning become a single multiply per step.
+        Only the layers in ``changed`` (all when None) are recomputed, in place; a global SparseOpt mean couples
+        all layers, so it recomputes all."""
+        if changed is None or (self.preconditioner is not None and self.preconditioner.mean_scope == "global"):
+            changed = {p.name for p in self.params}
+        scoped = {n: self.masks[n] for n in self._precondition_names if n in changed or
+                  self.preconditioner.mean_scope == "global"}
+        factors = self.preconditioner.factors(scoped) if scoped else {}
         for p in self.params:
-            scale = self.masks[p.name].to(p.param.dtype)
+            if p.name not in changed:
+                continue
+            scale = self._grad_scale.get(p.name)
+            if scale is None:
+                scale = self._grad_scale[p.name] = torch.empty(p.shape, dtype=p.param.dtype, device=p.param.device)
+            scale.copy_(self.masks[p.name])
             if p.name in factors:
-                scale = scale * factors[p.name].to(p.param.dtype)
-            self._grad_scale[p.name] = scale
+                scale.mul_(factors[p.name].to(p.param.dtype))
+
+    @staticmethod
+    def _distributed() -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _broadcast_masks(self) -> None:
         """Under torch.distributed, rank 0's masks win, so every rank trains the same sparse network."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self._distributed():
             for m in self.masks.values():
                 buf = m.to(torch.uint8)
                 dist.broadcast(buf, src=0)
@@ -238,39 +257,56 @@ class SparseTraining:
     def _update_masks(self) -> None:
         t = self.step_count
         grads = self._grow_gradients() if self.topology.needs_gradient else {}
-        new_masks = {}
+        changes: dict[str, MaskChange] = {}
         for p in self.params:
             mask = self.masks[p.name]
-            n = self.topology.drop_count(t, int(mask.sum()))
+            n = self.topology.drop_count(t, self.target_nnz[p.name])
             if n == 0:
-                new_masks[p.name] = mask
                 continue
             w = p.param.detach()
-            new_masks[p.name] = drop_and_grow(mask, self.topology.drop_score(w),
-                                              self.topology.grow_score(w, grads.get(p.name), self.generator), n)
-        old = {n: m.clone() for n, m in self.masks.items()}
-        for n, m in new_masks.items():
-            self.masks[n].copy_(m)
-        self._broadcast_masks()
+            active = mask.reshape(-1).nonzero().squeeze(1)
+            changes[p.name] = drop_and_grow(mask, self.topology.drop_score(w.reshape(-1).index_select(0, active)),
+                                            self.topology.grow_score(w, grads.get(p.name), self.generator), n,
+                                            active=active)
+        if self._distributed():
+            changes = self._agree_on_changes(changes)
         for p in self.params:
-            self._apply_new_mask(p, old[p.name], self.masks[p.name], grads.get(p.name))
-        self._refresh_grad_scales()
+            change = changes.get(p.name)
+            if change is None:
+                self.changed[p.name] = 0
+            else:
+                self._apply_change(p, change, grads.get(p.name))
+        self._refresh_grad_scales(changed=set(changes))
 
-    def _apply_new_mask(self, p: SparseParam, old: torch.Tensor, new: torch.Tensor,
-                        grad: torch.Tensor | None) -> None:
-        """Zero the optimizer state of grown and dropped entries and set grown weights (0 unless the topology's
-        ``grow_init`` says otherwise); survivors keep value and state."""
-        survived = old & new
-        grown = new & ~old
-        values = self.topology.grow_values(p.param, grad, survived, grown, self.generator)
-        p.param.mul_(survived)
+    def _agree_on_changes(self, changes: dict[str, MaskChange]) -> dict[str, MaskChange]:
+        """Rank 0's new masks win; the changes are re-derived from them so every rank applies the same ones."""
+        agreed = {}
+        for p in self.params:
+            old = self.masks[p.name]
+            new = (changes[p.name].mask if p.name in changes else old).to(torch.uint8)
+            dist.broadcast(new, src=0)
+            new = new.bool()
+            removed = (old & ~new).reshape(-1).nonzero().squeeze(1)
+            added = (new & ~old).reshape(-1).nonzero().squeeze(1)
+            if removed.numel() or added.numel():
+                agreed[p.name] = MaskChange(new, removed, added)
+        return agreed
+
+    def _apply_change(self, p: SparseParam, change: MaskChange, grad: torch.Tensor | None) -> None:
+        """Zero the weights and optimizer state of removed and newly grown entries (grown weights may then get
+        the topology's ``grow_init`` values); survivors, including regrown ones, keep both. O(changed entries)."""
+        touched = torch.cat([change.removed, change.added])
+        flat_w = p.param.view(-1)
+        flat_w.index_fill_(0, touched, 0.0)
+        values = self.topology.grow_values(p.param, grad, change.mask, change.added, self.generator)
         if values is not None:
-            p.param[grown] = values.to(p.param.dtype)
+            flat_w.index_copy_(0, change.added, values.to(p.param.dtype))
         for value in self.optimizer.state.get(p.param, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                value.mul_(survived)
-        self.changed[p.name] = int(grown.sum())
-        self.fired[p.name] |= new
+                value.view(-1).index_fill_(0, touched, 0)
+        self.masks[p.name].copy_(change.mask)
+        self.fired[p.name].view(-1).index_fill_(0, change.added, True)
+        self.changed[p.name] = change.added.numel()
 
     # ---- inspection and checkpoints --------------------------------------------------------------------------
     def itop(self) -> float:

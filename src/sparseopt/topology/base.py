@@ -19,11 +19,13 @@ class Topology:
     def drop_count(self, step: int, nnz: int) -> int:
         return 0
 
-    def drop_score(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.abs()
+    def drop_score(self, active_weights: torch.Tensor) -> torch.Tensor:
+        """Score of each active weight (given as a flat vector); the smallest are dropped."""
+        return active_weights.abs()
 
-    def grow_values(self, weight: torch.Tensor, grad: torch.Tensor | None, survived: torch.Tensor,
-                    grown: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+    def grow_values(self, weight: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor,
+                    added: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """Values for newly grown entries (flat indices ``added``), or None to leave them at 0."""
         return None
 
     def grow_score(

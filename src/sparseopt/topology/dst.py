@@ -46,14 +46,16 @@ class _DropAndGrow(Topology):
         """k = floor(f(t) · nnz), as RigL TF."""
         return int(self.schedule.fraction(step) * nnz)
 
-    def grow_values(self, weight: torch.Tensor, grad: torch.Tensor | None, survived: torch.Tensor,
-                    grown: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
-        """Values for the grown entries (shape of ``weight[grown]``), or None to leave them at 0."""
-        if self.grow_init == "zeros" or not grown.any():
+    def grow_values(self, weight: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor,
+                    added: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """Values for the newly grown entries (flat indices ``added`` of the new ``mask``), or None for zeros."""
+        if self.grow_init == "zeros" or added.numel() == 0:
             return None
-        kept = weight[survived]
+        survived = mask.reshape(-1).clone()
+        survived[added] = False
+        kept = weight.reshape(-1)[survived]
         sigma = kept.std() if kept.numel() > 1 else weight.new_tensor(0.0)
-        n = int(grown.sum())
+        n = added.numel()
         if self.grow_init == "random_normal":
             return torch.randn(n, generator=generator, device=weight.device, dtype=weight.dtype) * sigma
         if self.grow_init == "random_uniform":
@@ -61,7 +63,7 @@ class _DropAndGrow(Topology):
             return u * sigma * 3 ** 0.5
         if grad is None:
             raise RuntimeError(f"grow_init={self.grow_init!r} needs the gradient at the mask-update step")
-        g = grad[grown]
+        g = grad.reshape(-1)[added]
         if self.grow_init == "grad_sign":
             return -sigma * torch.sign(g)
         scale = g.std() if g.numel() > 1 else g.abs().max()
