@@ -290,8 +290,12 @@ def lanczos(
     tol: float = 1e-6,
     seed: int = 0,
     return_vectors: bool = False,
+    v0: torch.Tensor | None = None,
 ) -> EigenResult:
     """Top-k (and optionally the ``smallest`` lowest) eigenvalues by Lanczos with full reorthogonalisation.
+
+    ``v0`` warm-starts the iteration (e.g. the previous top eigenvector when tracking during training); a random
+    start from ``seed`` otherwise.
 
     Stops when every wanted Ritz pair's residual estimate |beta_m s_mj| is below tol * max|ritz|, or at max_iter
     (default min(active dim, 300)). Residuals in the result are exact, ||H v - lambda v|| (one extra product each).
@@ -309,7 +313,9 @@ def lanczos(
     gen = torch.Generator().manual_seed(seed)
     support = op.support()
     try:
-        q = _random_start(op, gen)
+        q = v0.to(device=op.device, dtype=torch.float64) * support if v0 is not None else None
+        if q is None or float(torch.linalg.vector_norm(q)) == 0.0:
+            q = _random_start(op, gen)
         q = q / torch.linalg.vector_norm(q)
         basis, alphas, betas = [], [], []
         converged = False

@@ -120,3 +120,20 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     masks = initial_masks(cfg, model, data) if cfg.sparsity.method != "dense" else None
     sparse = build_sparse(cfg, model, optimizer, total_steps, masks)
     return Experiment(cfg, data, model, optimizer, scheduler, sparse, total_steps, device)
+
+
+def build_callbacks(cfg: RunConfig) -> list:
+    """The periodic diagnostics asked for in ``cfg.diagnostics`` (runner callbacks; empty when all are off)."""
+    from sparseopt.diagnostics.tracking import HessianTracker, ItopTracker, ScaleTracker
+
+    d = cfg.diagnostics
+    callbacks: list = []
+    if d.hessian_every > 0:
+        callbacks.append(HessianTracker(d.hessian_every, k=d.hessian_k, samples=d.hessian_samples,
+                                        physical_batch=d.hessian_physical_batch,
+                                        label_smoothing=cfg.optim.label_smoothing, seed=cfg.train.seed))
+    if d.scales_every > 0:
+        callbacks.append(ScaleTracker(d.scales_every))
+    if d.itop_every > 0:
+        callbacks.append(ItopTracker(d.itop_every))
+    return callbacks

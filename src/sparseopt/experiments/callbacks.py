@@ -8,6 +8,7 @@ gradients or the global RNG: resumed runs stay bit-identical whether diagnostics
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -25,6 +26,7 @@ class StepContext:
     train_x: torch.Tensor | None      # the in-memory training set (None for streamed datasets)
     train_y: torch.Tensor | None
     device: torch.device
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None  # what the loader applies to raw batches
 
 
 class Callback(Protocol):

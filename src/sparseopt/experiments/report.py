@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sparseopt.experiments.checkpoint import atomic_write
 from sparseopt.experiments.errors import UserError
+from sparseopt.experiments.report_eos import plot_itop, plot_sharpness
 from sparseopt.experiments.runlog import read_jsonl
 
 
@@ -38,8 +39,11 @@ def load_run(path: str | Path) -> Run:
 
 
 def _without_seed(config: dict) -> str:
+    """The config minus what does not change training: the seed, logging and measurement settings."""
     config = json.loads(json.dumps(config))
     config.get("train", {}).pop("seed", None)
+    config.pop("logging", None)
+    config.pop("diagnostics", None)
     return json.dumps(config, sort_keys=True)
 
 
@@ -160,6 +164,7 @@ def make_report(run_dirs: list[str | Path], out_dir: str | Path, target: float =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(groups, out_dir)
+    plots += [p for p in (plot_sharpness(groups, out_dir), plot_itop(groups, out_dir)) if p is not None]
     with atomic_write(out_dir / "report.md") as f:
         f.write(f"# sparseopt report\n\n{table}\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
     summary = {"target_accuracy": target, "rows": rows, "runs": [str(r.path) for r in runs],

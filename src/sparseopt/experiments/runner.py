@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparseopt.experiments.build import Experiment, build_experiment
+from sparseopt.experiments.build import Experiment, build_callbacks, build_experiment
 from sparseopt.experiments.callbacks import Callback, StepContext
 from sparseopt.experiments.checkpoint import CheckpointManager, atomic_write
 from sparseopt.experiments.configio import dump_yaml, to_dict
@@ -124,7 +124,7 @@ class Runner:
     def __init__(self, cfg: RunConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
                  quiet: bool = False, callbacks: list[Callback] = ()) -> None:
         self.cfg, self.out, self.quiet, self.resume = cfg, Path(out), quiet, resume
-        self.callbacks = list(callbacks)
+        self.callbacks = list(callbacks) if callbacks else build_callbacks(cfg)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -244,7 +244,7 @@ class Runner:
         e = self.exp
         loader = e.data.train
         ctx = StepContext(self.step, e.model, e.optimizer, e.sparse, getattr(loader, "x", None),
-                          getattr(loader, "y", None), e.device)
+                          getattr(loader, "y", None), e.device, getattr(loader, "normalize", None))
         for c in due:
             metrics = c(ctx)
             if metrics:

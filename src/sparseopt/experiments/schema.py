@@ -98,6 +98,16 @@ class LoggingConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    hessian_every: int = option(0, ge=0, help="steps between top-k Hessian eigenvalue measurements; 0 = off")
+    hessian_k: int = option(4, gt=0, help="eigenvalues per measurement (lambda_1..lambda_k)")
+    hessian_samples: int = option(1000, gt=0, help="first training examples forming the fixed Hessian subset")
+    hessian_physical_batch: int = option(1000, gt=0, help="examples per forward pass in Hessian-vector products")
+    scales_every: int = option(0, ge=0, help="steps between gradient/weight/activation scale logs; 0 = off")
+    itop_every: int = option(0, ge=0, help="steps between per-layer ITOP logs; 0 = off")
+
+
+@dataclass
 class RunConfig:
     name: str = option("run", help="label shared by runs that differ only in seed (used by report)")
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,3 +117,4 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
