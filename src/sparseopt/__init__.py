@@ -12,6 +12,7 @@ from sparseopt.init import sparse_init_
 from sparseopt.masks import random_mask, select_sparse_params
 from sparseopt.optim import SparseOpt
 from sparseopt.optim import HAM
+from sparseopt.parameterization import Parameterization
 from sparseopt.pipeline import SparseTraining
 from sparseopt.report import SparsityReport
 from sparseopt.topology import SET, RigL, Static, UpdateSchedule
@@ -21,3 +22,4 @@ __version__ = "0.1.0"
 __all__ = ["RigL", "SET", "SparseOpt", "SparseTraining", "SparsityReport", "Static", "UpdateSchedule",
            "layer_nnz", "random_mask", "select_sparse_params", "sparse_init_"]
 __all__ += ["HAM", "prune_at_init"]
+__all__ += ["Parameterization"]
