@@ -245,3 +245,18 @@ def test_config_prints_a_complete_template_that_validates(tmp_path, capsys):
     assert main(["config", "--set", "sparsity.density=0.05"]) == 0
     data = yaml.safe_load(capsys.readouterr().out)
     assert data["sparsity"]["density"] == 0.05 and from_dict(RunConfig, data).sparsity.density == 0.05
+
+
+def test_diagnose_coord_check_and_sweep(tmp_path, capsys):
+    cc = tmp_path / "cc"
+    assert main(["diagnose", "coord-check", "--out", str(cc), "--widths", "32,64", "--densities", "1,0.25",
+                 "--steps", "2", "--seeds", "1"]) == 0
+    assert "supar across density" in capsys.readouterr().out
+    assert json.loads((cc / "results.json").read_text())["spread"]["density"]["supar"]
+    assert (cc / "coord_check.png").is_file()
+    sw = tmp_path / "sw"
+    assert main(["sweep", "--out", str(sw), "--lrs", "0.001,0.01", "--densities", "1,0.25", "--steps", "4",
+                 "--base-width", "32", "--workers", "1"]) == 0
+    result = json.loads((sw / "results.json").read_text())
+    assert set(result["optimum_shift"]) == {"sp", "supar"} and (sw / "lr_sweep.png").is_file()
+    assert len(result["results"][0]["rows"]) == 4

@@ -66,13 +66,37 @@ def _parser() -> argparse.ArgumentParser:
     ratio.add_argument("--sparsities", type=_floats, default=[0.0, 0.5, 0.8, 0.9, 0.95, 0.98])
     ratio.add_argument("--norms", type=lambda s: s.split(","), default=["batch", "none", "layer"])
     ratio.add_argument("--batches", type=int, default=100)
+    coord = diagnose.add_parser("coord-check", help="SP/muP/SuPar activation scales over width and density (GPT)")
+    coord.add_argument("--out", default="runs/coord-check")
+    coord.add_argument("--kinds", type=lambda s: s.split(","), default=["sp", "mup", "supar"])
+    coord.add_argument("--widths", type=_ints, default=[32, 64, 128, 256])
+    coord.add_argument("--densities", type=_floats, default=[1.0, 0.5, 0.25, 0.125, 0.0625])
+    coord.add_argument("--steps", type=int, default=5)
+    coord.add_argument("--seeds", type=int, default=2)
     hess = diagnose.add_parser("hessian", help="top Hessian eigenvalues of a run vs the 2/lr stability bound")
     hess.add_argument("run", help="run folder (its latest checkpoint is analysed)")
     hess.add_argument("--out", default=None, help="default: the run folder")
     hess.add_argument("--k", type=int, default=4)
     hess.add_argument("--samples", type=int, default=1000, help="first N training examples (Cohen et al.: 5000)")
     hess.add_argument("--trace-samples", type=int, default=0, help="Hutchinson probes for the trace (0 = off)")
+    sweep = sub.add_parser("sweep", help="learning-rate x density transfer sweep for SP and SuPar (GPT on text)")
+    sweep.add_argument("--out", default="runs/sweep")
+    sweep.add_argument("--kinds", type=lambda s: s.split(","), default=["sp", "supar"])
+    sweep.add_argument("--lrs", type=_floats, default=[2.0 ** k for k in range(-10, -3)])
+    sweep.add_argument("--densities", type=_floats, default=[1.0, 0.25, 0.0625])
+    sweep.add_argument("--widths", type=_ints, default=None, help="default: the base width only")
+    sweep.add_argument("--base-width", type=int, default=64)
+    sweep.add_argument("--steps", type=int, default=100)
+    sweep.add_argument("--seeds", type=int, default=1)
+    sweep.add_argument("--workers", type=int, default=2)
     return parser
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _floats(text: str) -> list[float]:
@@ -131,6 +155,19 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from sparseopt.experiments import diagnose
+
+    result = diagnose.sweep(args.out, kinds=args.kinds, lrs=args.lrs, densities=args.densities, widths=args.widths,
+                            base_width=args.base_width, steps=args.steps, seeds=args.seeds, workers=args.workers)
+    for kind, shift in result["optimum_shift"].items():
+        print(f"{kind:>6}: best learning rate per density "
+              + ", ".join(f"{o['density']:g}: {o['lr_grid']:.2g}" for o in shift["optima"])
+              + f"; shift across densities {max(shift['shift_log2'].values()):.2f} octaves")
+    print(f"written: {args.out}/results.json, {args.out}/lr_sweep.png")
+    return 0
+
+
 def _cmd_config(args) -> int:
     import yaml
 
@@ -168,6 +205,15 @@ def _cmd_reproduce(args) -> int:
 def _cmd_diagnose(args) -> int:
     from sparseopt.experiments import diagnose
 
+    if args.diagnostic == "coord-check":
+        result = diagnose.coord_check(args.out, kinds=args.kinds, widths=args.widths, densities=args.densities,
+                                      steps=args.steps, seeds=args.seeds)
+        for axis in ("width", "density"):
+            for kind, ratios in result["spread"][axis].items():
+                print(f"{kind:>6} across {axis:<7}: max/min activation scale {min(ratios.values()):.2f}"
+                      f"-{max(ratios.values()):.2f} (1 = flat)")
+        print(f"written: {args.out}/results.json, {args.out}/coord_check.png")
+        return 0
     if args.diagnostic == "grad-ratio":
         result = diagnose.grad_ratio(args.out, seeds=args.seeds, sparsities=args.sparsities, norms=args.norms,
                                      batches=args.batches)
@@ -189,7 +235,7 @@ def _cmd_diagnose(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": _cmd_train, "report": _cmd_report, "demo": _cmd_demo, "diagnose": _cmd_diagnose,
-                "reproduce": _cmd_reproduce, "config": _cmd_config}
+                "reproduce": _cmd_reproduce, "config": _cmd_config, "sweep": _cmd_sweep}
     try:
         return commands[args.command](args)
     except (UserError, ConfigError, DataError) as err:

@@ -75,3 +75,49 @@ def hessian(run_dir: str | Path, out: str | Path | None = None, *, k: int = 4, s
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "hessian.json", result)
     return result
+
+
+def coord_check(out: str | Path, *, kinds: list[str], widths: list[int], densities: list[float], steps: int = 5,
+                seeds: int = 2) -> dict:
+    """Paper 004 Fig. 5: activation scales over width and density for SP, muP and SuPar on the byte-level GPT."""
+    from sparseopt.experiments.coord_check import coord_check as run, plot_coord_check, spread
+
+    result = run(kinds, widths, densities, steps=steps, seeds=range(seeds))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_coord_check(result, out / "coord_check.png")
+    result["spread"] = {axis: {k: spread(result, axis, k) for k in kinds} for axis in ("width", "density")}
+    _write_json(out / "results.json", result)
+    return result
+
+
+def _sweep_one(kind: str, kwargs: dict) -> dict:
+    import torch
+
+    from sparseopt.experiments.transfer import lr_sweep
+
+    torch.set_num_threads(1)
+    return lr_sweep(kind, **kwargs)
+
+
+def sweep(out: str | Path, *, kinds: list[str], lrs: list[float], densities: list[float], widths: list[int] | None,
+          base_width: int = 64, steps: int = 100, seeds: int = 1, workers: int = 2) -> dict:
+    """Paper 004 Fig. 1/6: train loss against learning rate, one line per density, per parameterization; the
+    optimum's shift across densities (in log2 of the learning rate) is the transfer measure."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from sparseopt.experiments.transfer import optimum_shift, plot_lr_sweep
+
+    kwargs = dict(lrs=lrs, densities=densities, widths=widths, base_width=base_width, steps=steps,
+                  seeds=tuple(range(seeds)), last=min(20, steps))
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(kinds)))) as pool:
+        results = list(pool.map(_sweep_one, kinds, [kwargs] * len(kinds)))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_lr_sweep(results, out / "lr_sweep.png")
+    shifts = {r["kind"]: optimum_shift(r) for r in results}
+    payload = {"results": results,
+               "optimum_shift": {k: {key: ({str(w): v for w, v in val.items()} if isinstance(val, dict) else val)
+                                     for key, val in s.items()} for k, s in shifts.items()}}
+    _write_json(out / "results.json", payload)
+    return payload

@@ -40,7 +40,7 @@ class ScaleSpec:
 class Preset:
     title: str
     paper: str
-    kind: Literal["train", "grad-ratio"] = "train"
+    kind: Literal["train", "grad-ratio", "coord-check", "sweep"] = "train"
     notes: str = ""
     laptop: ScaleSpec | None = None
     full: ScaleSpec | None = None
@@ -102,15 +102,8 @@ def reproduce(name: str, out: str | Path, *, scale: str = "laptop", seeds: list[
         raise UserError(f"preset {name!r} has no {scale!r} scale; it has: "
                         f"{[s for s in ('laptop', 'full') if getattr(preset, s) is not None]}")
     out = Path(out)
-    if preset.kind == "grad-ratio":
-        from sparseopt.experiments.diagnose import grad_ratio
-
-        args = dict(spec.args)
-        if seeds is not None:
-            args["seeds"] = len(seeds)
-        if dry_run:
-            return {"preset": name, "runs": [], "args": args}
-        return {"preset": name, **grad_ratio(out, **args)}
+    if preset.kind != "train":
+        return _run_diagnostic(name, preset.kind, dict(spec.args), out, seeds, dry_run)
     configs = expand(spec, list(overrides), seeds)
     run_dirs = [str(out / "runs" / f"{_slug(c.name)}-seed{c.train.seed}") for c in configs]
     if dry_run:
@@ -122,3 +115,17 @@ def reproduce(name: str, out: str | Path, *, scale: str = "laptop", seeds: list[
     with atomic_write(out / "results.json") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _run_diagnostic(name: str, kind: str, args: dict, out: Path, seeds: list[int] | None, dry_run: bool) -> dict:
+    """Presets that are a diagnostic command rather than a grid of training runs."""
+    from sparseopt.experiments import diagnose
+
+    if seeds is not None:
+        args["seeds"] = len(seeds)
+    if dry_run:
+        return {"preset": name, "runs": [], "args": args}
+    run = {"grad-ratio": diagnose.grad_ratio, "coord-check": diagnose.coord_check, "sweep": diagnose.sweep}[kind]
+    result = run(out, **args)
+    return {"preset": name, "table": result.get("table", json.dumps(result.get("optimum_shift", result.get(
+        "spread")), indent=1)), **result}
