@@ -2,16 +2,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparseopt.selection import drop_and_grow
+from sparseopt.selection import drop_and_grow_
 
 
 def test_hand_built_drop_smallest_active_grow_largest_gradient():
     mask = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
     w = torch.tensor([0.5, -0.1, 0.3, -0.05, 0.0, 0.0, 0.0, 0.0])
     g = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.9, 0.1, 0.7, 0.2])
-    change = drop_and_grow(mask, w.abs()[mask], g.abs(), 2)
+    change = drop_and_grow_(mask, w.abs()[mask], g.abs(), 2)
     # drop |w| = 0.05 and 0.1 (entries 3, 1); grow |g| = 0.9 and 0.7 (entries 4, 6)
-    assert change.mask.tolist() == [True, False, True, False, True, False, True, False]
+    assert mask.tolist() == [True, False, True, False, True, False, True, False]
     assert sorted(change.removed.tolist()) == [1, 3] and sorted(change.added.tolist()) == [4, 6]
 
 
@@ -19,15 +19,15 @@ def test_just_dropped_entries_can_be_regrown():
     mask = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
     w = torch.tensor([0.2, 0.1, 0.0, 0.0])
     g = torch.tensor([0.0, 5.0, 1.0, 0.5])  # the dropped entry 1 has the largest gradient
-    change = drop_and_grow(mask, w.abs()[mask], g.abs(), 1)
-    assert change.mask.tolist() == [True, True, False, False]
+    change = drop_and_grow_(mask, w.abs()[mask], g.abs(), 1)
+    assert mask.tolist() == [True, True, False, False]
     assert change.removed.numel() == 0 and change.added.numel() == 0  # regrown: nothing changed
 
 
 def test_zero_valued_active_weight_is_dropped_before_any_inactive_entry():
     mask = torch.tensor([1, 1, 0], dtype=torch.bool)
-    change = drop_and_grow(mask, torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0, 3.0]), 1)
-    assert change.mask.tolist() == [False, True, True]
+    drop_and_grow_(mask, torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0, 3.0]), 1)
+    assert mask.tolist() == [False, True, True]
 
 
 def reference_drop_and_grow(mask, w, g, n):
@@ -52,9 +52,11 @@ def test_matches_full_sort_reference_and_preserves_nnz(shape, density, seed, fra
     n = int(frac * nnz)
     w = torch.randn(shape, generator=g) * mask
     grad = torch.randn(shape, generator=g)
-    change = drop_and_grow(mask, w.abs()[mask], grad.abs(), n)
-    assert int(change.mask.sum()) == nnz
-    assert torch.equal(change.mask, reference_drop_and_grow(mask, w, grad, n))
-    flat_old, flat_new = mask.flatten(), change.mask.flatten()
+    expected = reference_drop_and_grow(mask, w, grad, n)
+    old = mask.clone()
+    change = drop_and_grow_(mask, w.abs()[mask], grad.abs(), n)
+    assert int(mask.sum()) == nnz
+    assert torch.equal(mask, expected)
+    flat_old, flat_new = old.flatten(), mask.flatten()
     assert torch.equal(torch.sort(change.removed).values, (flat_old & ~flat_new).nonzero().flatten())
     assert torch.equal(torch.sort(change.added).values, (flat_new & ~flat_old).nonzero().flatten())

@@ -140,9 +140,9 @@ def test_rigl_regrows_from_the_chosen_gradient(regrow, monkeypatch):
     seen = {}
     original = topo.grow_score
 
-    def spy(w, g, gen):
+    def spy(w, g, gen, out=None):
         seen["g"] = g.clone()
-        return original(w, g, gen)
+        return original(w, g, gen, out=out)
 
     monkeypatch.setattr(topo, "grow_score", spy)
     x, y = torch.randn(32, 10), torch.randint(0, 4, (32,))

@@ -26,7 +26,7 @@ from sparseopt.masks import DEFAULT_MODULE_TYPES, SparseParam, fan_in, random_ma
 from sparseopt.optim.renorm import RENORM_MODES, global_grad_norm, renormalize_
 from sparseopt.optim.sparseopt import SparseOpt
 from sparseopt.report import LayerReport, SparsityReport
-from sparseopt.selection import MaskChange, drop_and_grow
+from sparseopt.selection import MaskChange, drop_and_grow_
 from sparseopt.topology.base import Static, Topology
 
 STATE_VERSION = 1
@@ -106,6 +106,7 @@ class SparseTraining:
         self.step_count = 0
         self._precondition_names = self._resolve_preconditioner_scope()
         self._grad_scale: dict[str, torch.Tensor] = {}
+        self._scratch_buf: torch.Tensor | None = None
         self._refresh_grad_scales()
         with torch.no_grad():
             for p in self.params:
@@ -257,19 +258,21 @@ class SparseTraining:
     def _update_masks(self) -> None:
         t = self.step_count
         grads = self._grow_gradients() if self.topology.needs_gradient else {}
+        distributed = self._distributed()
+        old = {n: m.clone() for n, m in self.masks.items()} if distributed else {}
         changes: dict[str, MaskChange] = {}
         for p in self.params:
-            mask = self.masks[p.name]
             n = self.topology.drop_count(t, self.target_nnz[p.name])
             if n == 0:
                 continue
-            w = p.param.detach()
-            active = mask.reshape(-1).nonzero().squeeze(1)
-            changes[p.name] = drop_and_grow(mask, self.topology.drop_score(w.reshape(-1).index_select(0, active)),
-                                            self.topology.grow_score(w, grads.get(p.name), self.generator), n,
-                                            active=active)
-        if self._distributed():
-            changes = self._agree_on_changes(changes)
+            mask, w = self.masks[p.name], p.param.detach()
+            active = mask.view(-1).nonzero().squeeze(1)
+            scratch = self._scratch(w)
+            changes[p.name] = drop_and_grow_(
+                mask, self.topology.drop_score(w.view(-1).index_select(0, active)),
+                self.topology.grow_score(w, grads.get(p.name), self.generator, out=scratch), n, active=active)
+        if distributed:
+            changes = self._agree_on_changes(old)
         for p in self.params:
             change = changes.get(p.name)
             if change is None:
@@ -278,18 +281,24 @@ class SparseTraining:
                 self._apply_change(p, change, grads.get(p.name))
         self._refresh_grad_scales(changed=set(changes))
 
-    def _agree_on_changes(self, changes: dict[str, MaskChange]) -> dict[str, MaskChange]:
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """One reusable buffer for grow scores (a fresh 100 MB tensor per layer would page-fault every update)."""
+        buf = self._scratch_buf
+        if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype or buf.device != like.device:
+            size = max(p.param.numel() for p in self.params)
+            buf = self._scratch_buf = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buf[:like.numel()].view(like.shape)
+
+    def _agree_on_changes(self, old: dict[str, torch.Tensor]) -> dict[str, MaskChange]:
         """Rank 0's new masks win; the changes are re-derived from them so every rank applies the same ones."""
+        self._broadcast_masks()
         agreed = {}
         for p in self.params:
-            old = self.masks[p.name]
-            new = (changes[p.name].mask if p.name in changes else old).to(torch.uint8)
-            dist.broadcast(new, src=0)
-            new = new.bool()
-            removed = (old & ~new).reshape(-1).nonzero().squeeze(1)
-            added = (new & ~old).reshape(-1).nonzero().squeeze(1)
+            before, after = old[p.name].view(-1), self.masks[p.name].view(-1)
+            removed = (before & ~after).nonzero().squeeze(1)
+            added = (after & ~before).nonzero().squeeze(1)
             if removed.numel() or added.numel():
-                agreed[p.name] = MaskChange(new, removed, added)
+                agreed[p.name] = MaskChange(removed, added)
         return agreed
 
     def _apply_change(self, p: SparseParam, change: MaskChange, grad: torch.Tensor | None) -> None:
@@ -298,13 +307,12 @@ class SparseTraining:
         touched = torch.cat([change.removed, change.added])
         flat_w = p.param.view(-1)
         flat_w.index_fill_(0, touched, 0.0)
-        values = self.topology.grow_values(p.param, grad, change.mask, change.added, self.generator)
+        values = self.topology.grow_values(p.param, grad, self.masks[p.name], change.added, self.generator)
         if values is not None:
             flat_w.index_copy_(0, change.added, values.to(p.param.dtype))
         for value in self.optimizer.state.get(p.param, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == p.shape:
                 value.view(-1).index_fill_(0, touched, 0)
-        self.masks[p.name].copy_(change.mask)
         self.fired[p.name].view(-1).index_fill_(0, change.added, True)
         self.changed[p.name] = change.added.numel()
 

@@ -28,9 +28,9 @@ class Topology:
         """Values for newly grown entries (flat indices ``added``), or None to leave them at 0."""
         return None
 
-    def grow_score(
-        self, weight: torch.Tensor, grad: torch.Tensor | None, generator: torch.Generator
-    ) -> torch.Tensor:
+    def grow_score(self, weight: torch.Tensor, grad: torch.Tensor | None, generator: torch.Generator,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """Score of every entry (full-size, written into ``out`` when given); the largest non-kept ones grow."""
         raise NotImplementedError
 
 

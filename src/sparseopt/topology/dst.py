@@ -79,8 +79,10 @@ class _DropAndGrow(Topology):
 class SET(_DropAndGrow):
     """Sparse Evolutionary Training in the DST-standard form: drop by |w|, grow at uniformly random positions."""
 
-    def grow_score(self, weight, grad, generator):
-        return torch.rand(weight.shape, generator=generator, device=weight.device)
+    def grow_score(self, weight, grad, generator, out=None):
+        if out is None:
+            return torch.rand(weight.shape, generator=generator, device=weight.device)
+        return out.uniform_(generator=generator)
 
 
 class RigL(_DropAndGrow):
@@ -90,10 +92,10 @@ class RigL(_DropAndGrow):
     def needs_gradient(self) -> bool:
         return True
 
-    def grow_score(self, weight, grad, generator):
+    def grow_score(self, weight, grad, generator, out=None):
         if grad is None:
             raise RuntimeError(
                 "RigL needs the dense gradient at a mask-update step, but a sparse weight has no .grad; "
                 "call loss.backward() before optimizer.step() and make sure every sparse layer is used"
             )
-        return grad.abs()
+        return torch.abs(grad, out=out) if out is not None else grad.abs()

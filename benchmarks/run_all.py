@@ -1,0 +1,57 @@
+"""Run every benchmark, each in its own process (so memory and thread state do not carry over), and print a summary.
+
+    .venv/bin/python benchmarks/run_all.py            # full runs (about 3-4 minutes on the 2-core dev machine)
+    .venv/bin/python benchmarks/run_all.py --quick    # fewer repetitions: a smoke test (~1.5 min), too noisy for verdicts
+
+Results: benchmarks/results/<name>.json (git-ignored). Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = [
+    # (script, result name, full args, quick args)
+    ("bench_rigl_update.py", "rigl_update", [], ["--reps", "3"]),
+    ("bench_sparseopt_overhead.py", "sparseopt_overhead", [], ["--reps", "11"]),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (numbers are noisier)")
+    args = ap.parse_args(argv)
+    failed = []
+    for script, _, full, quick in BENCHMARKS:
+        cmd = [sys.executable, str(HERE / script), *(quick if args.quick else full)]
+        print(f"\n=== {script} {' '.join(cmd[2:])}".rstrip(), flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd)
+        print(f"=== {script}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
+        if rc != 0:
+            failed.append(script)
+
+    print("\n=== summary")
+    for script, name, _, _ in BENCHMARKS:
+        path = HERE / "results" / f"{name}.json"
+        if script in failed or not path.exists():
+            print(f"{name}: no result")
+            continue
+        data = json.loads(path.read_text())
+        rows = data.get("rows") or data.get("rows_per_step")
+        base = rows[0]["name"]
+        cells = ", ".join(f"{r['name']} {r['median_s']:.4g}s ({r['ratio_of_medians']:.3f}x)" for r in rows)
+        print(f"{name} [medians, ratio to {base}]: {cells}; verdict {data.get('verdict')}")
+        for who, why in (data.get("failures") or {}).items():
+            print(f"  {who}: not measured: {why}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
