@@ -20,6 +20,7 @@ BENCHMARKS = [
     # (script, result name, full args, quick args)
     ("bench_rigl_update.py", "rigl_update", [], ["--reps", "3"]),
     ("bench_sparseopt_overhead.py", "sparseopt_overhead", [], ["--reps", "11"]),
+    ("bench_hessian.py", "hessian", [], ["--reps", "5", "--seeds", "3"]),
 ]
 
 

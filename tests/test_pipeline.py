@@ -50,6 +50,8 @@ def test_invariants_hold_after_every_step(model, density, distribution, topology
             assert torch.all(p.param[~mask] == 0)                         # pruned weights exactly 0
             assert torch.all(sparse.fired[p.name] >= prev_fired[p.name])  # ITOP union only grows
             assert torch.all(sparse.fired[p.name][mask])
+            # the cached active indices (kept current in O(changes)) are exactly the mask's active entries
+            assert torch.equal(torch.sort(sparse._active[p.name]).values, mask.view(-1).nonzero().squeeze(1))
             if updating:  # skip_step_on_update: grown weights and their optimizer state are still 0 now
                 grown = mask & ~before[p.name]
                 assert torch.all(p.param[grown] == 0)

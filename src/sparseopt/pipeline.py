@@ -103,6 +103,7 @@ class SparseTraining:
         self._broadcast_masks()
         self.fired = {n: m.clone() for n, m in self.masks.items()}
         self.changed = dict.fromkeys(self.masks, 0)
+        self._reset_active()
         self.step_count = 0
         self._precondition_names = self._resolve_preconditioner_scope()
         self._grad_scale: dict[str, torch.Tensor] = {}
@@ -265,8 +266,7 @@ class SparseTraining:
             n = self.topology.drop_count(t, self.target_nnz[p.name])
             if n == 0:
                 continue
-            mask, w = self.masks[p.name], p.param.detach()
-            active = mask.view(-1).nonzero().squeeze(1)
+            mask, w, active = self.masks[p.name], p.param.detach(), self._active[p.name]
             scratch = self._scratch(w)
             changes[p.name] = drop_and_grow_(
                 mask, self.topology.drop_score(w.view(-1).index_select(0, active)),
@@ -279,7 +279,11 @@ class SparseTraining:
                 self.changed[p.name] = 0
             else:
                 self._apply_change(p, change, grads.get(p.name))
-        self._refresh_grad_scales(changed=set(changes))
+        if self.preconditioner is None:
+            for name, change in changes.items():  # a mask alone: the cached scale changes where the mask did
+                self._grad_scale[name].view(-1).index_fill_(0, change.removed, 0).index_fill_(0, change.added, 1)
+        else:
+            self._refresh_grad_scales(changed=set(changes))
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:
         """One reusable buffer for grow scores (a fresh 100 MB tensor per layer would page-fault every update)."""
@@ -298,8 +302,13 @@ class SparseTraining:
             removed = (before & ~after).nonzero().squeeze(1)
             added = (after & ~before).nonzero().squeeze(1)
             if removed.numel() or added.numel():
-                agreed[p.name] = MaskChange(removed, added)
+                agreed[p.name] = MaskChange(removed, added, removed[:0])
+        self._reset_active()
         return agreed
+
+    def _reset_active(self) -> None:
+        """Active flat indices per layer, in index order; later updates keep them current in O(changes)."""
+        self._active = {n: m.view(-1).nonzero().squeeze(1) for n, m in self.masks.items()}
 
     def _apply_change(self, p: SparseParam, change: MaskChange, grad: torch.Tensor | None) -> None:
         """Zero the weights and optimizer state of removed and newly grown entries (grown weights may then get
@@ -315,6 +324,8 @@ class SparseTraining:
                 value.view(-1).index_fill_(0, touched, 0)
         self.fired[p.name].view(-1).index_fill_(0, change.added, True)
         self.changed[p.name] = change.added.numel()
+        if change.removed_at.numel() == change.added.numel() > 0:
+            self._active[p.name].index_copy_(0, change.removed_at, change.added)
 
     # ---- inspection and checkpoints --------------------------------------------------------------------------
     def itop(self) -> float:
@@ -340,6 +351,7 @@ class SparseTraining:
             "fired": {n: f.clone() for n, f in self.fired.items()},
             "changed": dict(self.changed),
             "target_nnz": dict(self.target_nnz),
+            "active": {n: a.clone() for n, a in self._active.items()},  # their order breaks ties: resume exactly
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -364,6 +376,10 @@ class SparseTraining:
         self.generator.set_state(state["generator"])
         self.changed = dict(state["changed"])
         self.target_nnz = dict(state["target_nnz"])
+        self._reset_active()
+        for name, active in state.get("active", {}).items():
+            if name in self._active and active.shape == self._active[name].shape:
+                self._active[name] = active.to(self._active[name].device).clone()
         self._refresh_grad_scales()
 
     def remove(self) -> None:
