@@ -228,3 +228,18 @@ def test_sharpness_report_and_itop_summary_on_sparse_training():
     assert rep["restricted"]["active_dim"] < rep["unrestricted"]["active_dim"]
     assert rep["restricted"]["eigenvalues"][0] <= rep["unrestricted"]["eigenvalues"][0] * (1 + 1e-4)
     assert rep["preconditioned"]["status"] == "ok" and "trace" in rep["preconditioned"]
+
+
+def test_cached_single_batch_graph_is_rebuilt_after_parameters_change():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    cached = HessianOperator(model, x, y, physical_batch=100)      # one batch: graph reused across products
+    v = torch.randn(cached.dim, dtype=torch.float64)
+    first = cached(v)
+    assert torch.allclose(cached(v), first)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)                                   # an in-place change invalidates the cache
+    fresh = HessianOperator(model, x, y, physical_batch=7)          # several batches: nothing cached
+    assert torch.allclose(cached(v), fresh(v), atol=1e-10)
+    assert not torch.allclose(cached(v), first)

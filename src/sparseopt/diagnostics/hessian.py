@@ -147,6 +147,7 @@ class HessianOperator:
             raise ValueError(f"dropout must be 'error', 'disable' or 'allow', got {dropout!r}")
         self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
         self.physical_batch, self.train_mode, self.dropout = physical_batch, train_mode, dropout
+        self._graph: tuple[list[int], list[torch.Tensor]] | None = None  # (parameter versions, cached gradients)
         self._check_dropout()
         named = dict(model.named_parameters())
         names = [n for n, p in named.items() if p.requires_grad] if params is None else list(params)
@@ -212,11 +213,21 @@ class HessianOperator:
             xb, yb = self.x[start:start + self.physical_batch], self.y[start:start + self.physical_batch]
             yield xb, yb, len(xb) / n
 
-    def _loss_grads(self, create_graph: bool, xb, yb, weight) -> list[torch.Tensor]:
-        loss = self.loss_fn(self.model(xb), yb) * weight
+    def _loss_grads(self, create_graph: bool, xb, yb, weight, buffers=None) -> list[torch.Tensor]:
+        logits = self.model(xb) if buffers is None else torch.func.functional_call(self.model, buffers, (xb,))
+        loss = self.loss_fn(logits, yb) * weight
         if not torch.isfinite(loss):
             raise NotFiniteError(f"loss is {float(loss.detach())}")
         return list(torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True))
+
+    def _cached_grads(self, xb, yb, weight) -> list[torch.Tensor]:
+        versions = [p._version for p in self.params]
+        if self._graph is None or self._graph[0] != versions:
+            # private copies of the buffers: BatchNorm updates those, and the graph it saves stays valid when the
+            # model's own buffers are restored after each product
+            buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+            self._graph = (versions, self._loss_grads(True, xb, yb, weight, buffers))
+        return self._graph[1]
 
     def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
         return [c.view_as(p) for c, p in zip(torch.split(v, self.sizes), self.params)]
@@ -231,13 +242,16 @@ class HessianOperator:
             v = v * self.scale
         vs = self._split(v)
         hv = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        single = len(self.x) <= self.physical_batch
         with _preserved(self.model, self.train_mode, self.dropout), torch.enable_grad():
             for xb, yb, w in self._batches():
-                grads = self._loss_grads(True, xb, yb, w)
+                # One physical batch: build the gradient graph once and reuse it for every product (a forward
+                # and a backward saved per product); it is rebuilt if any parameter changed in place since.
+                grads = self._cached_grads(xb, yb, w) if single else self._loss_grads(True, xb, yb, w)
                 dot = sum((g * u).sum() for g, u in zip(grads, vs) if g is not None)
                 if not dot.requires_grad:      # loss is affine in the parameters: H = 0
                     continue
-                parts = torch.autograd.grad(dot, self.params, allow_unused=True)
+                parts = torch.autograd.grad(dot, self.params, allow_unused=True, retain_graph=single)
                 hv += torch.cat([(q if q is not None else torch.zeros_like(p)).reshape(-1)
                                  for q, p in zip(parts, self.params)])
         self.matvecs += 1
