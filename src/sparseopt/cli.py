@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true")
 
     report = sub.add_parser("report", help="table and plots comparing finished runs")
-    report.add_argument("runs", nargs="+", help="run folders")
-    report.add_argument("--out", default=None, help="where to write report.md and plots (default: first run's parent)")
+    report.add_argument("runs", nargs="+", help="run folders, or `sparseopt sweep` folders")
+    report.add_argument("--out", default=None, help="where to write report.md and plots (default: first run's "
+                        "parent; for a sweep folder, the folder itself)")
     report.add_argument("--target", type=float, default=0.9, help="accuracy for the steps-to-target column")
     show = sub.add_parser("config", help="print a config with every key at its default (a template to edit)")
     show.add_argument("preset_or_file", nargs="?", help="optional YAML config to resolve against the defaults")
@@ -89,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--steps", type=int, default=100)
     sweep.add_argument("--seeds", type=int, default=1)
     sweep.add_argument("--workers", type=int, default=2)
+    sweep.add_argument("--init-stds", type=_floats, default=None,
+                       help="comma-separated base init stds σ to sweep too (default: the paper's σ per kind)")
     return parser
 
 
@@ -132,8 +135,10 @@ def _cmd_train(args) -> int:
 
 def _cmd_report(args) -> int:
     from sparseopt.experiments.report import make_report
+    from sparseopt.experiments.report_sweep import is_sweep_dir
 
-    out = args.out or str(Path(args.runs[0]).resolve().parent)
+    default = Path(args.runs[0]) if is_sweep_dir(args.runs[0]) else Path(args.runs[0]).resolve().parent
+    out = args.out or str(default)
     summary = make_report(args.runs, out, target=args.target)
     print(summary["table"])
     print(f"\nwritten: {Path(out) / 'report.md'}, {', '.join(summary['plots'])}")
@@ -159,12 +164,26 @@ def _cmd_sweep(args) -> int:
     from sparseopt.experiments import diagnose
 
     result = diagnose.sweep(args.out, kinds=args.kinds, lrs=args.lrs, densities=args.densities, widths=args.widths,
-                            base_width=args.base_width, steps=args.steps, seeds=args.seeds, workers=args.workers)
+                            base_width=args.base_width, steps=args.steps, seeds=args.seeds, workers=args.workers,
+                            init_stds=args.init_stds)
+
+    def lr(value):
+        return "diverged" if value is None else f"{value:.2g}"
+
     for kind, shift in result["optimum_shift"].items():
-        print(f"{kind:>6}: best learning rate per density "
-              + ", ".join(f"{o['density']:g}: {o['lr_grid']:.2g}" for o in shift["optima"])
-              + f"; shift across densities {max(shift['shift_log2'].values()):.2f} octaves")
-    print(f"written: {args.out}/results.json, {args.out}/lr_sweep.png")
+        for s in shift.get("shifts") or [{"init_std": None, "shift_log2": max(shift["shift_log2"].values(),
+                                                                               default=float("nan"))}]:
+            optima = [o for o in shift["optima"] if o.get("init_std") == s["init_std"]]
+            sigma = "" if s["init_std"] is None else f" (σ={s['init_std']:g})"
+            print(f"{kind:>6}{sigma}: best learning rate per density "
+                  + ", ".join(f"{o['density']:g}: {lr(o['lr_grid'])}" for o in optima)
+                  + f"; shift across densities {s['shift_log2']:.2f} octaves")
+    for kind, best in result.get("init_std_optimum", {}).items():
+        print(f"{kind:>6}: best init std per density "
+              + ", ".join(f"{o['density']:g}: {lr(o['init_std'])}" for o in best["optima"])
+              + f"; shift across densities {max(best['shift_log2'].values(), default=float('nan')):.2f} octaves")
+    plots = "lr_sweep.png" + (", init_std_sweep.png" if "init_std_optimum" in result else "")
+    print(f"written: {args.out}/results.json, {plots} (`sparseopt report {args.out}` adds report.md)")
     return 0
 
 

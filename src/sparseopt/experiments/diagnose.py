@@ -101,23 +101,66 @@ def _sweep_one(kind: str, kwargs: dict) -> dict:
 
 
 def sweep(out: str | Path, *, kinds: list[str], lrs: list[float], densities: list[float], widths: list[int] | None,
-          base_width: int = 64, steps: int = 100, seeds: int = 1, workers: int = 2) -> dict:
+          base_width: int = 64, steps: int = 100, seeds: int = 1, workers: int = 2,
+          init_stds: list[float] | None = None) -> dict:
     """Paper 004 Fig. 1/6: train loss against learning rate, one line per density, per parameterization; the
-    optimum's shift across densities (in log2 of the learning rate) is the transfer measure."""
+    optimum's shift across densities (in log2 of the learning rate) is the transfer measure. With ``init_stds``
+    the base init std σ is swept too (each value replaces the kind's σ): the LR optimum is found per σ, the best
+    σ per density goes into ``init_std_optimum`` and ``init_std_sweep.png`` plots loss against σ."""
+    import math
     from concurrent.futures import ProcessPoolExecutor
 
-    from sparseopt.experiments.transfer import optimum_shift, plot_lr_sweep
+    from sparseopt.parameterization import KINDS
 
+    bad_kinds = [k for k in kinds if k.lower() not in KINDS]
+    if not kinds or bad_kinds:
+        raise UserError(f"--kinds must be among {', '.join(KINDS)}, got {kinds}")
+    if steps < 1 or seeds < 1:
+        raise UserError(f"--steps and --seeds must be at least 1, got steps={steps}, seeds={seeds}")
+    if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
+        raise UserError(f"--lrs must be positive learning rates, got {lrs}")
+    if not densities or any(not 0 < d <= 1 for d in densities):
+        raise UserError(f"--densities must be in (0, 1], got {densities}")
+    if init_stds is not None and (not init_stds or any(not (s > 0 and math.isfinite(s)) for s in init_stds)):
+        raise UserError(f"--init-stds must be positive init standard deviations, got {init_stds}")
     kwargs = dict(lrs=lrs, densities=densities, widths=widths, base_width=base_width, steps=steps,
-                  seeds=tuple(range(seeds)), last=min(20, steps))
+                  seeds=tuple(range(seeds)), last=min(20, steps), init_stds=init_stds)
     with ProcessPoolExecutor(max_workers=max(1, min(workers, len(kinds)))) as pool:
         results = list(pool.map(_sweep_one, kinds, [kwargs] * len(kinds)))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_lr_sweep(results, out / "lr_sweep.png")
-    shifts = {r["kind"]: optimum_shift(r) for r in results}
-    payload = {"results": results,
-               "optimum_shift": {k: {key: ({str(w): v for w, v in val.items()} if isinstance(val, dict) else val)
-                                     for key, val in s.items()} for k, s in shifts.items()}}
+    payload = sweep_summary(results)
+    sweep_plots(results, out)
     _write_json(out / "results.json", payload)
     return payload
+
+
+def _json_keys(value):
+    """Width-keyed dicts -> string keys (JSON), recursively through dicts and lists."""
+    if isinstance(value, dict):
+        return {str(k): _json_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_keys(v) for v in value]
+    return value
+
+
+def sweep_summary(results: list[dict]) -> dict:
+    """``{"results", "optimum_shift": {kind: ...}}`` plus ``"init_std_optimum": {kind: ...}`` when σ was swept."""
+    from sparseopt.experiments.transfer import init_std_optimum, optimum_shift
+
+    payload = {"results": results,
+               "optimum_shift": {r["kind"]: _json_keys(optimum_shift(r)) for r in results}}
+    sigma = {r["kind"]: init_std_optimum(r) for r in results}
+    if any(v is not None for v in sigma.values()):
+        payload["init_std_optimum"] = {k: _json_keys(v) for k, v in sigma.items() if v is not None}
+    return payload
+
+
+def sweep_plots(results: list[dict], out: Path) -> list[Path]:
+    """``lr_sweep.png`` (Fig. 1/6) and, when σ was swept, ``init_std_sweep.png``."""
+    from sparseopt.experiments.transfer import plot_init_std_sweep, plot_lr_sweep, swept_init_stds
+
+    plots = [plot_lr_sweep(results, out / "lr_sweep.png")]
+    if any(swept_init_stds(r) for r in results):
+        plots.append(plot_init_std_sweep(results, out / "init_std_sweep.png"))
+    return plots

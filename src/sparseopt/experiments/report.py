@@ -152,9 +152,14 @@ def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
 
 
 def make_report(run_dirs: list[str | Path], out_dir: str | Path, target: float = 0.9) -> dict:
-    """Write report.md, report.json and the PNG plots into ``out_dir``; return the summary rows and table."""
+    """Write report.md, report.json and the PNG plots into ``out_dir``; return the summary rows and table.
+
+    Sweep folders (`sparseopt sweep`) go to :func:`sparseopt.experiments.report_sweep.make_sweep_report`."""
     if not run_dirs:
         raise UserError("give at least one run folder to report on")
+    from sparseopt.experiments.report_sweep import is_sweep_dir, make_sweep_report
+    if any(is_sweep_dir(p) for p in run_dirs):  # `sparseopt sweep` folders: paper 004 Fig. 1/6 report
+        return make_sweep_report(run_dirs, out_dir)
     if not 0 < target <= 1:
         raise UserError(f"--target is an accuracy in (0, 1], got {target}")
     runs = [load_run(p) for p in run_dirs]
