@@ -25,8 +25,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	# The two PyTorch RigL packages compared against; --no-deps keeps the CPU torch as it is.
-	$(BIN)/pip install -q --no-deps sparsimony rigl-torch
+	# The packages compared against (two PyTorch RigLs, PyHessian); --no-deps keeps the CPU torch as it is.
+	$(BIN)/pip install -q --no-deps sparsimony rigl-torch pyhessian
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
