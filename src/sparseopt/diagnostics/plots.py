@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from sparseopt.figures import save_png
 
 _STYLE = {"batch": ("C0", "o", "BatchNorm"), "layer": ("C2", "s", "LayerNorm"), "none": ("C3", "^", "no norm")}
 
@@ -56,8 +57,4 @@ def plot_gradient_ratio(result: dict, path: str | Path, per_neuron: dict | None 
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -12,7 +12,6 @@ runs (``torch.load(weights_only=True)``) reproduce the same measurements.
 from __future__ import annotations
 
 import functools
-import math
 import time
 import warnings
 from typing import Any

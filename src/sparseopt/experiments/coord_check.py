@@ -18,6 +18,7 @@ import torch
 
 from sparseopt.data.text import RandomWindowSampler, load_corpus, split_corpus
 from sparseopt.experiments.gpt_setup import build_gpt_run
+from sparseopt.figures import save_png
 
 KINDS = ("sp", "mup", "supar")
 
@@ -153,8 +154,4 @@ def plot_coord_check(result: dict, path: str | Path, step: int = -1) -> Path:
             ax.grid(True, which="both", alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -11,6 +11,7 @@ from sparseopt.experiments.checkpoint import atomic_write
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.report_eos import plot_itop, plot_sharpness
 from sparseopt.experiments.runlog import read_jsonl
+from sparseopt.figures import save_png
 
 
 @dataclass
@@ -144,9 +145,7 @@ def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
         ax.set_title(f"{ylabel}: mean ± 1 sd over seeds")
         fig.tight_layout()
         path = out_dir / filename
-        with atomic_write(path, binary=True) as f:
-            fig.savefig(f, format="png", dpi=120)
-        plt.close(fig)
+        save_png(fig, path)
         written.append(path)
     return written
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sparseopt.experiments.checkpoint import atomic_write
 from sparseopt.experiments.runlog import read_jsonl
+from sparseopt.figures import save_png
 
 
 def _rows(run, split: str) -> list[dict]:
@@ -62,13 +62,8 @@ def _threshold_label(run, rows: list[dict]) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
-    with atomic_write(path, binary=True) as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _pyplot():

@@ -23,6 +23,7 @@ import torch
 
 from sparseopt.data.text import RandomWindowSampler, load_corpus, split_corpus
 from sparseopt.experiments.gpt_setup import build_gpt_run
+from sparseopt.figures import save_png
 
 
 def train_loss(kind: str, lr: float, density: float, width: int, *, base_width: int, steps: int, seed: int,
@@ -273,11 +274,7 @@ def plot_lr_sweep(results: Mapping | Sequence[Mapping], path: str | Path, width:
     for row in range(len(stds)):
         axes[row, 0].set_ylabel(f"train loss (mean of last {runs[0]['config']['last']} steps)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 _LABELS = {"sp": "SP", "mup": "μP", "supar": "SuPar"}
@@ -329,8 +326,4 @@ def plot_init_std_sweep(results: Mapping | Sequence[Mapping], path: str | Path, 
     _set_loss_ylim(axes[0, 0], shown)
     axes[0, 0].set_ylabel("train loss (best over the LR grid)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
