@@ -56,3 +56,17 @@ OPTIMIZERS = {
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5),
     "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
 }
+
+
+# A run config that trains in about a second: synthetic data, a BatchNorm MLP, RigL + SparseOpt.
+TINY = {
+    "name": "tiny",
+    "data": {"name": "synthetic", "batch_size": 32, "options": {"n_train": 256, "n_test": 64, "shape": [1, 6, 6],
+                                                               "num_classes": 4}},
+    "model": {"name": "mlp", "options": {"hidden": [32], "norm": "batch"}},
+    "sparsity": {"method": "rigl", "density": 0.3, "update_every": 4},
+    "sparseopt": {"enabled": True},
+    "optim": {"lr": 0.05, "warmup_epochs": 0.5},
+    "train": {"epochs": 3, "log_every": 2, "eval_every": 8},
+    "logging": {"tensorboard": False},
+}

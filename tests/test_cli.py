@@ -10,20 +10,10 @@ import pytest
 import torch
 import yaml
 
+from helpers import TINY
 from sparseopt.cli import main
 from sparseopt.experiments.checkpoint import load_checkpoint
 
-TINY = {
-    "name": "tiny",
-    "data": {"name": "synthetic", "batch_size": 32, "options": {"n_train": 256, "n_test": 64, "shape": [1, 6, 6],
-                                                               "num_classes": 4}},
-    "model": {"name": "mlp", "options": {"hidden": [32], "norm": "batch"}},
-    "sparsity": {"method": "rigl", "density": 0.3, "update_every": 4},
-    "sparseopt": {"enabled": True},
-    "optim": {"lr": 0.05, "warmup_epochs": 0.5},
-    "train": {"epochs": 3, "log_every": 2, "eval_every": 8},
-    "logging": {"tensorboard": False},
-}
 
 
 def write_config(tmp_path, config=TINY, name="config.yaml"):

@@ -9,6 +9,7 @@ import torch
 import yaml
 from torch import nn
 
+from helpers import TINY
 from sparseopt.cli import main
 from sparseopt.diagnostics.hessian import HessianOperator, lanczos
 from sparseopt.diagnostics.tracking import HessianTracker, ItopTracker, ScaleTracker
@@ -18,17 +19,6 @@ from sparseopt.experiments.checkpoint import load_checkpoint
 from sparseopt.experiments.configio import from_dict, load_yaml
 from sparseopt.experiments.schema import RunConfig
 
-TINY = {
-    "name": "tiny",
-    "data": {"name": "synthetic", "batch_size": 32, "options": {"n_train": 256, "n_test": 64, "shape": [1, 6, 6],
-                                                               "num_classes": 4}},
-    "model": {"name": "mlp", "options": {"hidden": [32], "norm": "batch"}},
-    "sparsity": {"method": "rigl", "density": 0.3, "update_every": 4},
-    "sparseopt": {"enabled": True},
-    "optim": {"lr": 0.05, "warmup_epochs": 0.5},
-    "train": {"epochs": 3, "log_every": 2, "eval_every": 8},
-    "logging": {"tensorboard": False},
-}
 TRACKERS = ["--set", "diagnostics.hessian_every=4", "--set", "diagnostics.hessian_samples=200",
             "--set", "diagnostics.hessian_physical_batch=128", "--set", "diagnostics.scales_every=6",
             "--set", "diagnostics.itop_every=4"]
