@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from helpers import TINY
+
 from sparseopt.cli import main
 from sparseopt.experiments.checkpoint import load_checkpoint
-
 
 
 def write_config(tmp_path, config=TINY, name="config.yaml"):

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 import yaml
+from helpers import TINY
 from torch import nn
 
-from helpers import TINY
 from sparseopt.cli import main
 from sparseopt.diagnostics.hessian import HessianOperator, lanczos
 from sparseopt.diagnostics.tracking import HessianTracker, ItopTracker, ScaleTracker
