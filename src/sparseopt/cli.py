@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--steps", type=int, default=100)
     sweep.add_argument("--seeds", type=int, default=1)
     sweep.add_argument("--workers", type=int, default=2)
+    sweep.add_argument("--quiet", action="store_true", help="no line per finished training run")
     sweep.add_argument("--init-stds", type=_floats, default=None,
                        help="comma-separated base init stds σ to sweep too (default: the paper's σ per kind)")
     return parser
@@ -165,7 +166,7 @@ def _cmd_sweep(args) -> int:
 
     result = diagnose.sweep(args.out, kinds=args.kinds, lrs=args.lrs, densities=args.densities, widths=args.widths,
                             base_width=args.base_width, steps=args.steps, seeds=args.seeds, workers=args.workers,
-                            init_stds=args.init_stds)
+                            init_stds=args.init_stds, quiet=args.quiet)
 
     def lr(value):
         return "diverged" if value is None else f"{value:.2g}"

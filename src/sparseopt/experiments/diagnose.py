@@ -102,7 +102,7 @@ def _sweep_one(kind: str, kwargs: dict) -> dict:
 
 def sweep(out: str | Path, *, kinds: list[str], lrs: list[float], densities: list[float], widths: list[int] | None,
           base_width: int = 64, steps: int = 100, seeds: int = 1, workers: int = 2,
-          init_stds: list[float] | None = None) -> dict:
+          init_stds: list[float] | None = None, quiet: bool = False) -> dict:
     """Paper 004 Fig. 1/6: train loss against learning rate, one line per density, per parameterization; the
     optimum's shift across densities (in log2 of the learning rate) is the transfer measure. With ``init_stds``
     the base init std σ is swept too (each value replaces the kind's σ): the LR optimum is found per σ, the best
@@ -124,7 +124,8 @@ def sweep(out: str | Path, *, kinds: list[str], lrs: list[float], densities: lis
     if init_stds is not None and (not init_stds or any(not (s > 0 and math.isfinite(s)) for s in init_stds)):
         raise UserError(f"--init-stds must be positive init standard deviations, got {init_stds}")
     kwargs = dict(lrs=lrs, densities=densities, widths=widths, base_width=base_width, steps=steps,
-                  seeds=tuple(range(seeds)), last=min(20, steps), init_stds=init_stds)
+                  seeds=tuple(range(seeds)), last=min(20, steps), init_stds=init_stds,
+                  verbose=not quiet)  # one line per finished training run: a sweep takes minutes
     with ProcessPoolExecutor(max_workers=max(1, min(workers, len(kinds)))) as pool:
         results = list(pool.map(_sweep_one, kinds, [kwargs] * len(kinds)))
     out = Path(out)
