@@ -23,9 +23,9 @@ def run_many(configs: list[RunConfig], run_dirs: list[str], *, workers: int | No
     """Train every config into its folder; ``workers=1`` runs in this process (the GPU path)."""
     workers = workers or min(2, os.cpu_count() or 1)
     with progress(total=len(configs), desc=desc, quiet=quiet) as bar:
-        if workers == 1:
+        if workers == 1:  # in this process (GPU): each run shows its own step bar too
             for cfg, out in zip(configs, run_dirs):
-                train(cfg, out, overwrite=True, quiet=True)
+                train(cfg, out, overwrite=True, quiet=quiet)
                 bar.update(1)
             return
         with ProcessPoolExecutor(max_workers=workers) as pool:
