@@ -40,3 +40,19 @@ def test_unknown_preset_and_bad_override_are_named(tmp_path, capsys):
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
     with pytest.raises(UserError):
         load_preset("nope")
+
+
+def test_rerunning_a_preset_keeps_finished_runs_and_resumes_interrupted_ones(tmp_path, capsys):
+    out = tmp_path / "repro"
+    args = ["reproduce", "paper000-table1", "--out", str(out), "--seeds", "0", "--workers", "1", "--quiet",
+            "--set", "train.epochs=1"]
+    assert main(args) == 0
+    run = out / "runs" / "rigl+sparseopt_density=0.1-seed0"
+    first = json.loads((run / "results.json").read_text())
+    (run / "results.json").unlink()                    # as if this run had been stopped after its last checkpoint
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 trained, 1 resumed, 3 already finished" in capsys.readouterr().out
+    assert json.loads((run / "results.json").read_text())["final"] == first["final"]
+    assert main([*args, "--fresh"]) == 0
+    assert "4 trained, 0 resumed, 0 already finished" in capsys.readouterr().out

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     repro.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key in every run, e.g. --set data.root=/data")
     repro.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    repro.add_argument("--fresh", action="store_true",
+                       help="retrain every run (default: keep finished runs, resume interrupted ones)")
     repro.add_argument("--quiet", action="store_true")
 
     diagnose = sub.add_parser("diagnose", help="diagnostics that test the theory").add_subparsers(
@@ -210,7 +212,7 @@ def _cmd_reproduce(args) -> int:
         return 0
     out = args.out or str(Path("runs") / f"{args.preset}-{args.scale}")
     summary = presets.reproduce(args.preset, out, scale=args.scale, seeds=args.seeds, workers=args.workers,
-                                overrides=args.overrides, dry_run=args.dry_run, quiet=args.quiet)
+                                overrides=args.overrides, dry_run=args.dry_run, quiet=args.quiet, fresh=args.fresh)
     if args.dry_run:
         runs = summary["runs"]
         for r in runs:
@@ -218,7 +220,10 @@ def _cmd_reproduce(args) -> int:
         print(f"{len(runs)} runs" if runs else f"diagnostic with {summary['args']}")
         return 0
     print(summary["table"])
-    print(f"\nwritten: {out}/results.json, report.md and plots")
+    if "runs_state" in summary:
+        c = summary["runs_state"]
+        print(f"\nruns: {c['new']} trained, {c['partial']} resumed, {c['done']} already finished (kept)")
+    print(f"written: {out}/results.json, report.md and plots")
     return 0
 
 

@@ -95,7 +95,9 @@ def expand(spec: ScaleSpec, overrides: list[str] = (), seeds: list[int] | None =
 
 def reproduce(name: str, out: str | Path, *, scale: str = "laptop", seeds: list[int] | None = None,
               workers: int | None = None, overrides: list[str] = (), dry_run: bool = False,
-              quiet: bool = False) -> dict:
+              quiet: bool = False, fresh: bool = False) -> dict:
+    """Run the preset's grid into ``out/runs`` and report it; finished runs of the same config are kept and
+    interrupted ones resumed unless ``fresh``."""
     preset = load_preset(name)
     spec = getattr(preset, scale, None)
     if spec is None:
@@ -109,9 +111,10 @@ def reproduce(name: str, out: str | Path, *, scale: str = "laptop", seeds: list[
     if dry_run:
         return {"preset": name, "runs": [{"name": c.name, "seed": c.train.seed, "dir": d}
                                          for c, d in zip(configs, run_dirs)]}
-    run_many(configs, run_dirs, workers=workers or spec.workers, quiet=quiet, desc=name)
+    counts = run_many(configs, run_dirs, workers=workers or spec.workers, quiet=quiet, desc=name, reuse=not fresh)
     report = make_report(run_dirs, out, target=spec.target)
-    summary = {"preset": name, "title": preset.title, "paper": preset.paper, "scale": scale, **report}
+    summary = {"preset": name, "title": preset.title, "paper": preset.paper, "scale": scale, "runs_state": counts,
+               **report}
     with atomic_write(out / "results.json") as f:
         json.dump(summary, f, indent=2)
     return summary
