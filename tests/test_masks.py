@@ -61,3 +61,10 @@ def test_random_mask_is_reproducible_from_its_generator():
     a = random_mask((10, 10), 30, torch.Generator().manual_seed(1))
     b = random_mask((10, 10), 30, torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+def test_a_tied_weight_gets_one_mask():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model = nn.Sequential(nn.Linear(4, 4), a, nn.ReLU(), b)
+    assert names(select_sparse_params(model)) == ["1.weight"]

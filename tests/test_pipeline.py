@@ -272,3 +272,24 @@ def test_grow_init_sets_grown_weights_at_the_survivors_scale_with_zero_state(gro
 def test_unknown_grow_init_is_named():
     with pytest.raises(ValueError, match="unknown grow_init 'ones'"):
         so.RigL(end_step=10, grow_init="ones")
+
+
+def test_mixed_precision_grad_scaler_keeps_the_invariants():
+    net = mlp(widths=(10, 32, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sparse = so.SparseTraining(net, opt, 0.3, prune_first_layer=True, preconditioner=so.SparseOpt(),
+                               topology=so.RigL(update_every=3, end_step=20))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for step in range(9):
+        x, y = batch(net, step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)        # unscales first, so the pipeline sees true gradients
+        scaler.update()
+    assert sparse.step_count == 9
+    for p in sparse.params:
+        assert int(sparse.masks[p.name].sum()) == sparse.target_nnz[p.name]
+        assert torch.all(p.param[~sparse.masks[p.name]] == 0)
+    assert sparse.itop() > sparse.report().density

@@ -52,13 +52,13 @@ def select_sparse_params(
     never sparse.
     """
     module_types = tuple(module_types)
-    candidates = [
-        SparseParam(f"{mod_name}.weight" if mod_name else "weight", module, module.weight)
-        for mod_name, module in model.named_modules()
-        if isinstance(module, module_types)
-        and isinstance(getattr(module, "weight", None), nn.Parameter)
-        and module.weight.dim() >= 2
-    ]
+    candidates, seen = [], set()
+    for mod_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, module_types) and isinstance(weight, nn.Parameter) and weight.dim() >= 2:
+            if id(weight) not in seen:  # a weight shared by several modules (tied) gets one mask
+                seen.add(id(weight))
+                candidates.append(SparseParam(f"{mod_name}.weight" if mod_name else "weight", module, weight))
     if not candidates:
         raise ValueError(
             f"{type(model).__name__} has no weights of types {[t.__name__ for t in module_types]} to sparsify; "
