@@ -162,3 +162,16 @@ def test_bad_options_are_named():
         so.SparseOpt(regrow_gradient="fixed")
     with pytest.raises(ValueError, match="max_factor must be positive"):
         so.SparseOpt(max_factor=0)
+
+
+def test_bn_followed_scope_on_real_architectures():
+    from sparseopt.models import build_model
+
+    for name in ("resnet20", "resnet50"):
+        net = build_model(name, 10, (3, 32, 32))
+        convs = {n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+        assert layers_feeding_batchnorm(net, convs | {"fc"}) == convs  # every conv feeds a BN, the classifier not
+    net = build_model("resnet20", 10, (3, 32, 32))
+    sparse = so.SparseTraining(net, torch.optim.SGD(net.parameters(), lr=0.1), 0.1,
+                               preconditioner=so.SparseOpt(scope="bn_followed"))
+    assert "fc.weight" not in sparse.factors() and len(sparse.factors()) == len(sparse.params) - 1
