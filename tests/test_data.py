@@ -406,3 +406,18 @@ def test_build_datasets_rejects_unknown_names_and_options():
         build_datasets("mnist", None, batchsize=32)
     with pytest.raises(DataError, match="root"):
         build_datasets("cifar10", None)
+
+
+def test_sharded_loaders_split_every_global_batch_between_ranks():
+    from sparseopt.data import InMemoryLoader
+
+    x, y = torch.arange(20).float().unsqueeze(1), torch.arange(20)
+    full = [yb for _, yb in InMemoryLoader(x, y, 8, seed=3)]
+    parts = []
+    for rank in range(2):
+        loader = InMemoryLoader(x, y, 8, seed=3)
+        loader.shard(rank, 2)
+        parts.append([yb for _, yb in loader])
+    assert len(parts[0]) == len(full) == 3
+    for b, batch in enumerate(full):
+        assert torch.equal(parts[0][b], batch[0::2]) and torch.equal(parts[1][b], batch[1::2])

@@ -38,6 +38,7 @@ class _ResumableLoader:
         self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
         self.seed, self.drop_last = seed, drop_last
         self._epoch, self._position, self._resume_at = 0, 0, 0
+        self._rank, self._world = 0, 1
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
@@ -61,6 +62,13 @@ class _ResumableLoader:
             raise ValueError(f"position {state['position']} is outside an epoch of {len(self)} batches")
         self._epoch, self._position, self._resume_at = state["epoch"], state["position"], state["position"]
 
+    def shard(self, rank: int, world: int) -> None:
+        """Data-parallel training: yield only this rank's slice ``batch[rank::world]`` of every global batch, so
+        each process loads (and decodes) its own examples; the order and the batch count stay global."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside a world of {world} processes")
+        self._rank, self._world = rank, world
+
     def _order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n)
@@ -70,7 +78,8 @@ class _ResumableLoader:
         epoch, start = self._epoch, self._resume_at
         self._resume_at, self._position = 0, start
         order = self._order(epoch)
-        index_batches = [order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(start, len(self))]
+        index_batches = [order[b * self.batch_size : (b + 1) * self.batch_size][self._rank :: self._world]
+                         for b in range(start, len(self))]
         for b, batch in enumerate(self._produce(epoch, start, index_batches), start):
             self._position = b + 1
             yield batch

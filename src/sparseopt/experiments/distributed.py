@@ -1,7 +1,8 @@
 """Multi-process data-parallel training under ``torchrun`` (PyTorch DDP), invisible when there is one process.
 
-Every rank builds the same experiment from the same seed; each trains on its slice ``batch[rank::world]`` of the
-global batch (``data.batch_size`` stays the global size); rank 0 alone writes logs, checkpoints and results.
+Every rank builds the same experiment from the same seed; each loads and trains on its slice ``batch[rank::world]``
+of the global batch (the loader is sharded; ``data.batch_size`` stays the global size); rank 0 alone writes logs,
+checkpoints and results.
 Mask updates stay identical across ranks because DDP averages gradients and SparseTraining broadcasts masks.
 """
 
@@ -41,10 +42,6 @@ def init_from_env() -> DistInfo:
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend)
     return info
-
-
-def shard(info: DistInfo, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (x[info.rank::info.world], y[info.rank::info.world]) if info.enabled else (x, y)
 
 
 def any_rank(info: DistInfo, *flags: bool) -> list[bool]:

@@ -24,7 +24,7 @@ from sparseopt.experiments.build import Experiment, build_callbacks, build_exper
 from sparseopt.experiments.callbacks import Callback, StepContext
 from sparseopt.experiments.checkpoint import CheckpointManager, atomic_write
 from sparseopt.experiments.configio import dump_yaml, to_dict
-from sparseopt.experiments.distributed import any_rank, barrier, init_from_env, shard
+from sparseopt.experiments.distributed import any_rank, barrier, init_from_env
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.runlog import RunLogger, progress
 from sparseopt.experiments.schema import RunConfig
@@ -132,6 +132,7 @@ class Runner:
         self.exp: Experiment = build_experiment(cfg)      # all validation happens before the folder is touched
         self.net = self.exp.model
         if self.dist.enabled:
+            self.exp.data.train.shard(self.dist.rank, self.dist.world)
             ids = [torch.cuda.current_device()] if self.exp.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.exp.model, device_ids=ids)
         check_out_dir(self.out, overwrite=overwrite, resume=resume)
@@ -218,7 +219,6 @@ class Runner:
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, log_now: bool) -> tuple[float, int, float]:
         """One optimizer step; returns (loss, correct predictions, gradient norm if ``log_now`` else 0)."""
         e = self.exp
-        x, y = shard(self.dist, x, y)
         x, y = x.to(e.device, non_blocking=True), y.to(e.device, non_blocking=True)
         logits = self.net(x)
         loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.cfg.optim.label_smoothing)
