@@ -332,6 +332,10 @@ class SparseTraining:
         """In-time over-parameterisation rate: fraction of all sparse-layer entries ever active (SPEC 4)."""
         return sum(int(f.sum()) for f in self.fired.values()) / sum(f.numel() for f in self.fired.values())
 
+    def density(self) -> float:
+        """Fraction of sparse-layer weights that are active (constant: every update keeps each layer's nnz)."""
+        return sum(self.target_nnz.values()) / sum(p.param.numel() for p in self.params)
+
     def report(self) -> SparsityReport:
         rows = []
         for p in self.params:
@@ -389,5 +393,5 @@ class SparseTraining:
         self._hooks = []
 
     def __repr__(self) -> str:
-        return (f"SparseTraining({len(self.params)} sparse weights, density={self.report().density:.4f}, "
+        return (f"SparseTraining({len(self.params)} sparse weights, density={self.density():.4f}, "
                 f"topology={self.topology!r}, preconditioner={self.preconditioner!r})")

@@ -198,7 +198,7 @@ class Runner:
                    "grad_norm": grad_norm, "epoch": self.step / len(e.data.train), "wall_time": self.elapsed}
         if e.sparse is not None:
             metrics["itop"] = e.sparse.itop()
-            metrics["density"] = e.sparse.report().density
+            metrics["density"] = e.sparse.density()
         return metrics
 
     def _evaluate(self, logger: RunLogger) -> float | None:
@@ -296,18 +296,19 @@ class Runner:
             final = self.last_eval[1]
         else:
             final = evaluate(e.model, e.data.test, e.device)
+        report = e.sparse.report() if e.sparse is not None else None
         results = {
             "name": self.cfg.name, "seed": self.cfg.train.seed, "steps": self.step, "wall_time": self.elapsed,
             "final": {"test_accuracy": final["accuracy"], "test_loss": final["loss"]},
             "best": {"test_accuracy": self.best["accuracy"], "step": self.best["step"]},
-            "sparsity": e.sparse.report().to_dict() if e.sparse else None,
+            "sparsity": report.to_dict() if report is not None else None,
             "config": to_dict(self.cfg),
         }
         with atomic_write(self.out / "results.json") as f:
             json.dump(results, f, indent=2)
-        if e.sparse is not None:
+        if report is not None:
             with atomic_write(self.out / "sparsity.txt") as f:
-                f.write(str(e.sparse.report()) + "\n")
+                f.write(str(report) + "\n")
         return results
 
 
