@@ -269,7 +269,7 @@ class SparseTraining:
             mask, w, active = self.masks[p.name], p.param.detach(), self._active[p.name]
             scratch = self._scratch(w)
             changes[p.name] = drop_and_grow_(
-                mask, self.topology.drop_score(w.view(-1).index_select(0, active)),
+                mask, self.topology.drop_score(w, active),
                 self.topology.grow_score(w, grads.get(p.name), self.generator, out=scratch), n, active=active)
         if distributed:
             changes = self._agree_on_changes(old)

@@ -85,12 +85,16 @@ def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
                             "sparsity.method to static, set or rigl")
         return None
     if s.method == "static":
+        if s.drop_criterion != "magnitude":
+            raise UserError(f"sparsity.drop_criterion={s.drop_criterion!r} needs masks that change; set "
+                            "sparsity.method to set or rigl, or leave drop_criterion at 'magnitude'")
         topology = so.Static()
     else:
         end_step = max(s.start_step + 1, int(s.end_fraction * total_steps))
         cls = so.RigL if s.method == "rigl" else so.SET
         topology = cls(s.update_every, s.drop_fraction, start_step=s.start_step, end_step=end_step,
-                       annealing=s.annealing, skip_step_on_update=s.skip_step_on_update, grow_init=s.grow_init)
+                       annealing=s.annealing, skip_step_on_update=s.skip_step_on_update, grow_init=s.grow_init,
+                       drop_criterion=s.drop_criterion)
     p = cfg.sparseopt
     preconditioner = so.SparseOpt(normalize=p.normalize, scope=p.scope, regrow_gradient=p.regrow_gradient,
                                   max_factor=p.max_factor) if p.enabled else None

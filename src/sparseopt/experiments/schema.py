@@ -44,6 +44,8 @@ class SparsityConfig:
     exclude: list[str] = field(default_factory=list)
     init: Literal["none", "fanin", "fanout", "fanavg", "layer"] = "none"
     grow_init: Literal["zeros", "random_normal", "random_uniform", "grad_sign", "grad_scale"] = "zeros"
+    drop_criterion: Literal["magnitude", "neuron_normalized"] = option(
+        "magnitude", help="SET/RigL drop score: |w| (reference) or |w_ij|/||w_i|| (scale-invariant per neuron)")
     initial_mask: Literal["random", "magnitude", "snip", "grasp"] = option(
         "random", help="where the first mask comes from: random (per distribution) or pruning at initialisation")
     pai_scope: Literal["global", "layer"] = "global"

@@ -19,9 +19,9 @@ class Topology:
     def drop_count(self, step: int, nnz: int) -> int:
         return 0
 
-    def drop_score(self, active_weights: torch.Tensor) -> torch.Tensor:
-        """Score of each active weight (given as a flat vector); the smallest are dropped."""
-        return active_weights.abs()
+    def drop_score(self, weight: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Score of each active weight (flat indices ``active`` of ``weight``), in that order; the smallest drop."""
+        return weight.reshape(-1).index_select(0, active).abs()
 
     def grow_values(self, weight: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor,
                     added: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
@@ -32,7 +32,6 @@ class Topology:
                    out: torch.Tensor | None = None) -> torch.Tensor:
         """Score of every entry (full-size, written into ``out`` when given); the largest non-kept ones grow."""
         raise NotImplementedError
-
 
 
 class Static(Topology):

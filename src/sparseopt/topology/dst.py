@@ -9,6 +9,23 @@ from sparseopt.topology.schedules import UpdateSchedule
 
 
 GROW_INITS = ("zeros", "random_normal", "random_uniform", "grad_scale", "grad_sign")
+DROP_CRITERIA = ("magnitude", "neuron_normalized")
+
+
+def neuron_normalized_magnitude(weight: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """|w_ij| / ||w_i|| for the active entries (flat indices ``active``), ||w_i|| over neuron i's row/channel.
+
+    Under BatchNorm a neuron's output does not depend on the scale of its weight row, so raw |w| compares numbers
+    that mean different things in different neurons: a neuron whose row is small loses all its weights first and
+    dies. Dividing by the row norm makes the score scale-invariant per neuron. Inactive entries are 0, so the norm
+    over the row is the norm over its active weights. A neuron whose active weights are all 0 scores 0 on each of
+    them, like any zero weight under the magnitude criterion (0/0 is read as 0).
+    """
+    rows = weight.reshape(weight.shape[0], -1)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    inverse = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    row_of = torch.div(active, rows.shape[1], rounding_mode="floor")
+    return rows.reshape(-1).index_select(0, active).abs().mul_(inverse.index_select(0, row_of))
 
 
 class _DropAndGrow(Topology):
@@ -16,6 +33,10 @@ class _DropAndGrow(Topology):
     default); or, at the scale σ of the layer's surviving weights, ``"random_normal"`` N(0, σ²),
     ``"random_uniform"`` with the same variance, ``"grad_sign"`` −σ·sign(g), ``"grad_scale"`` −σ·g/std(g) over
     the grown entries (a first step against the gradient). The non-zero modes are RigL-TF parity knobs, default off.
+
+    ``drop_criterion`` ranks the active weights to drop: ``"magnitude"`` |w_ij| (the reference), or
+    ``"neuron_normalized"`` |w_ij| / ||w_i|| (scale-invariant per neuron under BatchNorm; see
+    :func:`neuron_normalized_magnitude`).
     """
 
     def __init__(
@@ -28,9 +49,13 @@ class _DropAndGrow(Topology):
         annealing: str = "cosine",
         skip_step_on_update: bool = True,
         grow_init: str = "zeros",
+        drop_criterion: str = "magnitude",
     ) -> None:
         if grow_init not in GROW_INITS:
             raise ValueError(f"unknown grow_init {grow_init!r}; choose one of {GROW_INITS}")
+        if drop_criterion not in DROP_CRITERIA:
+            raise ValueError(f"unknown drop_criterion {drop_criterion!r}; choose one of {DROP_CRITERIA}")
+        self.drop_criterion = drop_criterion
         self.schedule = UpdateSchedule(update_every, drop_fraction, start_step, end_step, annealing)
         self.skip_step_on_update = skip_step_on_update
         self.grow_init = grow_init
@@ -41,6 +66,11 @@ class _DropAndGrow(Topology):
 
     def is_update_step(self, step: int) -> bool:
         return self.schedule.is_update_step(step)
+
+    def drop_score(self, weight: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        if self.drop_criterion == "neuron_normalized":
+            return neuron_normalized_magnitude(weight, active)
+        return super().drop_score(weight, active)
 
     def drop_count(self, step: int, nnz: int) -> int:
         """k = floor(f(t) · nnz), as RigL TF."""
@@ -73,11 +103,13 @@ class _DropAndGrow(Topology):
         s = self.schedule
         return (f"{type(self).__name__}(update_every={s.update_every}, drop_fraction={s.drop_fraction}, "
                 f"start_step={s.start_step}, end_step={s.end_step}, annealing={s.annealing!r}, "
-                f"skip_step_on_update={self.skip_step_on_update}, grow_init={self.grow_init!r})")
+                f"skip_step_on_update={self.skip_step_on_update}, grow_init={self.grow_init!r}, "
+                f"drop_criterion={self.drop_criterion!r})")
 
 
 class SET(_DropAndGrow):
-    """Sparse Evolutionary Training in the DST-standard form: drop by |w|, grow at uniformly random positions."""
+    """Sparse Evolutionary Training in the DST-standard form: drop by |w| (or ``drop_criterion``), grow at uniformly
+    random positions."""
 
     def grow_score(self, weight, grad, generator, out=None):
         if out is None:
@@ -86,7 +118,7 @@ class SET(_DropAndGrow):
 
 
 class RigL(_DropAndGrow):
-    """Rigged Lottery: drop by |w|, grow where the dense gradient |∂L/∂w| is largest."""
+    """Rigged Lottery: drop by |w| (or ``drop_criterion``), grow where the dense gradient |∂L/∂w| is largest."""
 
     @property
     def needs_gradient(self) -> bool:
