@@ -13,6 +13,7 @@ official step hooks, so the user's loop (``loss.backward(); optimizer.step(); sc
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,6 +24,7 @@ from sparseopt.distributions import check_density, layer_nnz
 from sparseopt.graph import layers_feeding_batchnorm
 from sparseopt.init import sparse_init_
 from sparseopt.masks import DEFAULT_MODULE_TYPES, SparseParam, fan_in, random_mask, select_sparse_params
+from sparseopt.optim.decay import decoupled_groups, fold_coupled_weight_decay_, restore_weight_decay
 from sparseopt.optim.renorm import RENORM_MODES, global_grad_norm, renormalize_
 from sparseopt.optim.sparseopt import SparseOpt
 from sparseopt.report import LayerReport, SparsityReport
@@ -106,6 +108,10 @@ class SparseTraining:
         self._reset_active()
         self.step_count = 0
         self._precondition_names = self._resolve_preconditioner_scope()
+        self._fold_decay = preconditioner is not None and preconditioner.precondition_weight_decay
+        self._folded_decay: list[tuple[dict, float]] = []
+        if self._fold_decay:
+            self._check_decay_to_precondition()
         self._grad_scale: dict[str, torch.Tensor] = {}
         self._scratch_buf: torch.Tensor | None = None
         self._refresh_grad_scales()
@@ -176,6 +182,17 @@ class SparseTraining:
         feeders = layers_feeding_batchnorm(self.model, set(module_of.values()), self.preconditioner.example_input)
         return {n for n in names if module_of[n] in feeders}
 
+    def _check_decay_to_precondition(self) -> None:
+        """precondition_weight_decay acts on coupled decay only: say so where it cannot act."""
+        decoupled = decoupled_groups(self.optimizer)
+        if decoupled:
+            warnings.warn(f"SparseOpt(precondition_weight_decay=True): parameter groups {decoupled} of "
+                          f"{type(self.optimizer).__name__} use decoupled weight decay (W <- (1 - lr*wd) W, as "
+                          "AdamW), which never enters the gradient; it is left unpreconditioned", stacklevel=3)
+        if not any(g.get("weight_decay", 0) for g in self.optimizer.param_groups):
+            warnings.warn("SparseOpt(precondition_weight_decay=True) has no effect: no parameter group of "
+                          f"{type(self.optimizer).__name__} has weight_decay > 0", stacklevel=3)
+
     # ---- mask-dependent caches --------------------------------------------------------------------------------
     def factors(self) -> dict[str, torch.Tensor]:
         """SparseOpt factors per preconditioned layer (empty without a preconditioner)."""
@@ -217,6 +234,8 @@ class SparseTraining:
     # ---- the per-step pipeline ----------------------------------------------------------------------------
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs):
+        restore_weight_decay(self._folded_decay)  # a step that raised last time left it switched off
+        self._folded_decay = []
         if self.topology.is_update_step(self.step_count):
             self._update_masks()
             if self.topology.skip_step_on_update:
@@ -224,6 +243,8 @@ class SparseTraining:
                     for p in group["params"]:
                         p.grad = None
                 return None
+        if self._fold_decay:
+            self._folded_decay = fold_coupled_weight_decay_(optimizer)
         reference = self._masked_grad_norm(optimizer) if self.renormalize is not None else None
         for p in self.params:
             if p.param.grad is not None:
@@ -244,6 +265,8 @@ class SparseTraining:
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        restore_weight_decay(self._folded_decay)
+        self._folded_decay = []
         for p in self.params:
             p.param.mul_(self.masks[p.name])
         self.step_count += 1

@@ -60,6 +60,8 @@ class SparseOptConfig:
     scope: Literal["all", "bn_followed"] = "all"
     regrow_gradient: Literal["original", "corrected"] = "original"
     max_factor: float | None = option(None, gt=0)
+    precondition_weight_decay: bool = option(
+        False, help="the factor multiplies coupled weight decay too: -lr*D(grad + wd*W) (SGD; not AdamW's decay)")
     renormalize: Literal["none", "clip", "exact"] = option(
         "none", help="rescale corrected gradients to the uncorrected global norm (paper 001 App. F ablation)")
 

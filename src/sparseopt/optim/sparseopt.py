@@ -34,6 +34,10 @@ class SparseOpt:
         mean_scope: the mean fan-in per ``"layer"`` (default) or over all neurons in scope (``"global"``, an
             ablation that no longer gives c ≡ 1 for homogeneous layers).
         example_input: one batch, needed only for ``scope="bn_followed"`` on models torch.fx cannot trace.
+        precondition_weight_decay: make the factor multiply coupled weight decay too, ``−η·D(∇L + λW)`` instead
+            of ``−η(D∇L + λW)`` (SPEC 1.3), for any optimizer whose decay is coupled (see
+            :mod:`sparseopt.optim.decay`). Decoupled decay (AdamW) is a shrink outside the gradient and is left
+            as it is (SparseTraining warns). Default False, the papers' PyTorch reading.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class SparseOpt:
         max_factor: float | None = None,
         mean_scope: str = "layer",
         example_input=None,
+        precondition_weight_decay: bool = False,
     ) -> None:
         for value, allowed, what in ((scope, SCOPES, "scope"), (regrow_gradient, REGROW_GRADIENTS, "regrow_gradient"),
                                      (mean_scope, MEAN_SCOPES, "mean_scope")):
@@ -57,10 +62,12 @@ class SparseOpt:
         self.max_factor = max_factor
         self.mean_scope = mean_scope
         self.example_input = example_input
+        self.precondition_weight_decay = bool(precondition_weight_decay)
 
     def __repr__(self) -> str:
         return (f"SparseOpt(normalize={self.normalize}, scope={self.scope!r}, regrow_gradient={self.regrow_gradient!r}, "
-                f"max_factor={self.max_factor}, mean_scope={self.mean_scope!r})")
+                f"max_factor={self.max_factor}, mean_scope={self.mean_scope!r}, "
+                f"precondition_weight_decay={self.precondition_weight_decay})")
 
     def factors(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-neuron factors c, shaped ``(out, 1, ..., 1)`` to broadcast over each mask in ``masks``."""
