@@ -1,8 +1,8 @@
 from __future__ import annotations  # string annotations: the schema's types must still resolve
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
+import typing
 from typing import Literal
 
 import pytest
@@ -159,8 +159,6 @@ def test_load_yaml_reads_mappings_and_keeps_floats_usable(tmp_path):
     data = load_yaml(path)
     assert data["optim"]["lr"] == "1e-3"  # PyYAML's YAML 1.1 float rule: from_dict has to accept this
     assert from_dict(Config, data).optim.lr == 0.001
-    (tmp_path / "empty.yaml").write_text("# nothing set\n")
-    assert load_yaml(tmp_path / "empty.yaml") == {}
 
 
 def test_load_yaml_errors_are_user_facing(tmp_path):
@@ -229,7 +227,7 @@ def test_to_dict_requires_an_instance():
        density=st.floats(min_value=1e-9, max_value=1.0, exclude_min=False),
        tags=st.lists(st.text(max_size=8), max_size=3), eval_every=st.none() | st.integers(1, 1000))
 def test_dump_then_load_round_trips_to_an_equal_object(tmp_path_factory, lr, steps, density, tags, eval_every):
-    cfg = Config(name="round trip: 'quoted' ü", steps=steps, eval_every=eval_every, tags=tags, weights=[math.inf],
+    cfg = Config(name="round trip: 'quoted' ü", steps=steps, eval_every=eval_every, tags=tags, weights=[-0.0, 1e300],
                  optim=Optim(lr=lr), sparsity=Sparsity(density=density, layer_density={"conv.1": density}))
     folder = tmp_path_factory.mktemp("dump")
     dump_yaml(cfg, folder / "config.yaml")
@@ -253,3 +251,80 @@ def test_dump_yaml_keeps_schema_order_and_replaces_atomically(tmp_path, monkeypa
     monkeypatch.undo()
     assert from_dict(Config, load_yaml(path)).name == "a"
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("name: a\nname: b\n", "key 'name' is given twice (lines 1 and 2); only the last value would be used"),
+    ("optim:\n  lr: 0.05\nsteps: 3\noptim:\n  momentum: 0.5\n",
+     "key 'optim' is given twice (lines 1 and 4); a repeated section replaces the first one's keys"),
+    ("name: r\noptim:\n  lr: 0.05\n  name: sgd\n  lr: 0.1\n", "key 'optim.lr' is given twice (lines 3 and 5)"),
+    ("name: r\nseeds: [1]\ntags:\n  - {a: 1, a: 2}\n", "key 'tags[0].a' is given twice (lines 4 and 4)"),
+    ("name: r\n'steps': 1\nsteps: 2\n", "key 'steps' is given twice (lines 2 and 3)"),
+])
+def test_repeated_keys_are_refused_naming_the_key_and_both_lines(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path)
+    assert info.value.errors == [info.value.errors[0]] and message in info.value.errors[0]
+    assert str(path) in info.value.errors[0]
+
+
+def test_merge_keys_and_anchors_still_work(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {lr: 0.1, momentum: 0.5}\nname: r\noptim:\n  <<: *b\n  lr: 0.2\n")
+    assert load_yaml(path)["optim"] == {"lr": 0.2, "momentum": 0.5}
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n", "~\n", "---\n"])
+def test_empty_or_comment_only_file_is_refused(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty.yaml is empty .*sparseopt config >"):
+        load_yaml(path)
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"optim": {"lr": float("inf")}}, "optim.lr: got inf, expected a finite number with x > 0 and x <= 1"),
+    ({"optim": {"momentum": float("nan")}}, "optim.momentum: got nan, expected a finite number"),
+    ({"optim": {"lr": "-inf"}}, "optim.lr: got '-inf', expected a finite number"),
+    ({"weights": [1.0, float("inf")]}, "weights[1]: got inf, expected a finite number"),
+    ({"steps": float("inf")}, "steps: got inf (float), expected int"),
+    ({"sparsity": {"layer_density": {"fc1": float("nan")}}}, "sparsity.layer_density.fc1: got nan, expected a finite"),
+])
+def test_non_finite_numbers_are_refused_with_their_key(data, expected):
+    [message] = errors_of(Config, {"name": "r", **data})
+    assert message.startswith(expected)
+
+
+def test_non_finite_numbers_inside_free_form_values_are_refused():
+    @dataclass
+    class Free:
+        options: dict[str, typing.Any] = field(default_factory=dict)
+
+    assert errors_of(Free, {"options": {"a": [1, float("inf")], "b": {"c": float("nan")}, "d": "inf"}}) == [
+        "options.a[1]: got inf, expected a finite number", "options.b.c: got nan, expected a finite number"]
+
+
+@pytest.mark.parametrize(("data", "hint"), [
+    ({"sparsity": {"density": 90}}, "(did you mean 0.9? this is a fraction, not a percentage)"),
+    ({"sparsity": {"density": 5}}, "(did you mean 0.05?"),
+    ({"optim": {"momentum": 90}}, "(did you mean 0.9?"),
+])
+def test_a_percentage_where_a_fraction_belongs_gets_a_suggestion(data, hint):
+    [message] = errors_of(Config, {"name": "r", **data})
+    assert hint in message
+
+
+@pytest.mark.parametrize("data", [{"sparsity": {"density": 1.5}}, {"sparsity": {"density": 300}},
+                                  {"optim": {"lr": -1}}, {"steps": 0}])
+def test_no_percentage_suggestion_where_it_would_not_fit(data):
+    [message] = errors_of(Config, {"name": "r", **data})
+    assert "did you mean" not in message
+
+
+def test_overrides_refuse_non_finite_and_repeated_keys():
+    data = apply_overrides({"name": "r"}, ["optim.lr=inf", "optim.momentum=.nan"])
+    assert [e.split(",")[0] for e in errors_of(Config, data)] == ["optim.lr: got 'inf'", "optim.momentum: got nan"]
+    with pytest.raises(ConfigError, match=r"key 'lr' is given twice"):
+        apply_overrides({}, ["optim={lr: 1, lr: 2}"])

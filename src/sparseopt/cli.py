@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from sparseopt.experiments.configio import ConfigError, apply_overrides, from_di
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.schema import RunConfig
 
-EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+EXIT_BUG, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="dense vs RigL vs RigL+SparseOpt at 95%% sparsity on embedded MNIST")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--seeds", type=int, default=5)
-    demo.add_argument("--epochs", type=float, default=20.0)
+    demo.add_argument("--epochs", type=_finite, default=20.0)
     demo.add_argument("--workers", type=int, default=None, help="parallel runs (default: up to 2)")
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--quiet", action="store_true")
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="run folders, or `sparseopt sweep` folders")
     report.add_argument("--out", default=None, help="where to write report.md and plots (default: first run's "
                         "parent; for a sweep folder, the folder itself)")
-    report.add_argument("--target", type=float, default=0.9, help="accuracy for the steps-to-target column")
+    report.add_argument("--target", type=_finite, default=0.9, help="accuracy for the steps-to-target column")
     show = sub.add_parser("config", help="print a config with every key at its default (a template to edit)")
     show.add_argument("preset_or_file", nargs="?", help="optional YAML config to resolve against the defaults")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -107,9 +108,22 @@ def _ints(text: str) -> list[int]:
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _load_config(path: str | None, overrides: list[str], resume: str | None) -> RunConfig:
@@ -258,30 +272,43 @@ def _cmd_diagnose(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input (one ``error:`` line per problem), 130 interrupted, 1 a bug."""
     args = _parser().parse_args(argv)
     commands = {"train": _cmd_train, "report": _cmd_report, "demo": _cmd_demo, "diagnose": _cmd_diagnose,
                 "reproduce": _cmd_reproduce, "config": _cmd_config, "sweep": _cmd_sweep}
     try:
         return commands[args.command](args)
-    except (UserError, ConfigError, DataError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except ValueError as err:  # the core library's input checks
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (UserError, ConfigError, DataError, ValueError) as err:  # ValueError: the core library's input checks
+        if args.debug:
+            raise
+        _print_error(err.errors if isinstance(err, ConfigError) else str(err).splitlines())
+        return EXIT_USER_ERROR
+    except OSError as err:  # a folder that cannot be written, a full disk: the user's to fix, not a bug
+        if args.debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        _print_error([f"{err.strerror or err}{where}"])
+        return EXIT_USER_ERROR
     except Exception as err:
         from sparseopt.experiments.runner import Interrupted
+
         if isinstance(err, Interrupted):
             print(str(err), file=sys.stderr)
             return EXIT_INTERRUPTED
-        raise
+        if args.debug:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        _print_error([f"unexpected {type(err).__name__}: {first} (a bug in sparseopt or in a user model factory; "
+                      "rerun with --debug for the traceback)"])
+        return EXIT_BUG
+
+
+def _print_error(lines: list[str]) -> None:
+    for line in lines or ["unknown error"]:
+        print(f"error: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import operator
 import os
 import types
@@ -84,7 +85,11 @@ def dump_yaml(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping; a missing, unreadable or malformed file becomes a ConfigError. Empty file -> {}."""
+    """Read a YAML mapping; a missing, unreadable, malformed or empty file becomes a ConfigError.
+
+    An empty (or comment-only) file is refused rather than read as "all defaults": a run nobody configured is
+    never what was meant. A key written twice in one mapping is refused too (PyYAML would keep the last one).
+    """
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -95,14 +100,57 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text, str(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{_yaml_location(exc, str(path))}: malformed YAML: {_yaml_problem(exc)}") from None
     if data is None:
-        return {}
+        raise ConfigError(f"{path} is empty (no keys, only comments or blank lines); nothing would be configured. "
+                          f"`sparseopt config > {path}` writes a template with every key")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that refuses a key repeated in one mapping, naming the key and both lines.
+
+    PyYAML silently keeps the last of two equal keys, so a repeated section (two ``optim:`` blocks) would drop the
+    first block's keys. ``<<`` merge keys keep YAML's meaning (explicit keys override merged ones). Malformed
+    YAML raises ``yaml.YAMLError``; a repeated key raises ConfigError."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, "", source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: str, source: str, seen_nodes: set[int] | None = None) -> None:
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias of a node already checked
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{i}]", source, seen_nodes)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, str(key_node.value))
+            line = key_node.start_mark.line + 1
+            dotted = _join(path, key_node.value if isinstance(key_node, yaml.ScalarNode) else "?")
+            if key in lines:
+                what = ("a repeated section replaces the first one's keys: merge them into one section"
+                        if isinstance(value_node, yaml.MappingNode) else "only the last value would be used")
+                raise ConfigError(f"{source}: key '{dotted}' is given twice (lines {lines[key]} and {line}); "
+                                  f"{what}, keep one")
+            lines[key] = line
+            _refuse_duplicate_keys(value_node, dotted, source, seen_nodes)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -119,9 +167,12 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             errors.append(f"--set {item!r}: expected key.sub=value, e.g. --set optim.lr=0.05")
             continue
         try:
-            value = yaml.safe_load(raw)
+            value = parse_yaml(raw, f"--set {item!r}")
         except yaml.YAMLError as exc:
             errors.append(f"--set {item!r}: cannot parse the value as YAML: {_yaml_problem(exc)}")
+            continue
+        except ConfigError as exc:
+            errors.extend(exc.errors)
             continue
         node = result
         for depth, part in enumerate(parts[:-1]):
@@ -183,8 +234,8 @@ def _convert(tp: Any, value: Any, key: str, meta: typing.Mapping[str, Any], erro
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, errors)
-    if tp is Any:  # free-form values (e.g. model options) are checked by whatever consumes them
-        return value
+    if tp is Any:  # free-form values (e.g. model options) are checked by whatever consumes them, but an
+        return _refuse_non_finite(value, key, errors)  # inf/nan is never a meaningful setting
     if origin is Literal:
         if any(value == choice and type(value) is type(choice) for choice in args):
             return value
@@ -227,9 +278,35 @@ def _convert(tp: Any, value: Any, key: str, meta: typing.Mapping[str, Any], erro
         raise TypeError(f"configio does not support the field type {tp!r} (at '{key}')")
     if converted is None:
         return _fail(errors, key, f"got {_show(value)}, expected {_type_name(tp)}", meta)
+    if tp is float and not math.isfinite(converted):
+        return _fail(errors, key, f"got {value!r}, expected a finite number"
+                     + (f" with {_describe_range(meta)}" if _describe_range(meta) else ""), meta)
     if tp in (int, float) and not _in_range(converted, meta):
-        return _fail(errors, key, f"got {value!r}, expected {_type_name(tp)} with {_describe_range(meta)}", meta)
+        return _fail(errors, key, f"got {value!r}, expected {_type_name(tp)} with {_describe_range(meta)}"
+                     + _percent_hint(converted, meta), meta)
     return converted
+
+
+def _refuse_non_finite(value: Any, key: str, errors: list[str]) -> Any:
+    """``value`` unchanged, or _INVALID after naming every inf/nan inside it (nested lists and mappings too)."""
+    before = len(errors)
+    if isinstance(value, float) and not math.isfinite(value):
+        errors.append(f"{key}: got {value!r}, expected a finite number")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_non_finite(v, _join(key, k), errors)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_non_finite(v, f"{key}[{i}]", errors)
+    return _INVALID if len(errors) > before else value
+
+
+def _percent_hint(x: float, meta: typing.Mapping[str, Any]) -> str:
+    """A fraction written as a percentage (density: 90) is the likely mistake when x/100 would be valid."""
+    upper = meta.get("le", meta.get("lt"))
+    if upper is not None and upper <= 1 and 2 <= x <= 100 and _in_range(x / 100, meta):
+        return f" (did you mean {x / 100:g}? this is a fraction, not a percentage)"
+    return ""
 
 
 def _as_int(value: Any) -> int | None:

@@ -1,0 +1,168 @@
+"""Wrong input, typed or in a file, through the real `sparseopt` command: one clear line, exit 2, nothing touched.
+
+Each case runs the CLI's ``main()`` (the code behind the console script) in a fresh folder and asserts the exit
+status, that stderr names the key (and the fix), that no traceback escaped, and that the folder tree -- every file's
+bytes and every directory -- is exactly as before. A few cases run ``python -m sparseopt.cli`` in a subprocess to
+check the same from the outside (exit codes and tracebacks as a user sees them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import TINY
+
+from sparseopt.cli import main
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with a checksum of its bytes ("dir" for a folder): any change shows up."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def tiny(**sections) -> dict:
+    """TINY with some sections' keys replaced (``optim={"lr": 1}`` keeps TINY's other optim keys)."""
+    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
+    return config
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]
+    expect: list[str]                                   # substrings of stderr (the key, the value, the fix)
+    files: dict[str, str | dict] = field(default_factory=dict)   # written before: text, or a config dict
+    code: int = 2
+
+    def __repr__(self) -> str:
+        return self.id
+
+
+def prepare(root: Path, files: dict[str, str | dict]) -> None:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+
+
+def check(case: Case, root: Path, capsys, monkeypatch) -> str:
+    prepare(root, case.files)
+    monkeypatch.chdir(root)
+    before = tree(root)
+    try:
+        code = main(case.argv)
+    except SystemExit as exit_:  # argparse usage errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == case.code, err
+    for text in case.expect:
+        assert text in err, f"{text!r} not in {err!r}"
+    assert "Traceback" not in err
+    assert tree(root) == before
+    return err
+
+
+TRAIN = ["train", "c.yaml", "--quiet", "--out", "out"]
+
+CONFIG_CASES = [
+    Case("empty-file", TRAIN, ["c.yaml is empty", "sparseopt config >"], {"c.yaml": ""}),
+    Case("comment-only-file", TRAIN, ["c.yaml is empty"], {"c.yaml": "# sparsity:\n#   density: 0.05\n\n"}),
+    Case("null-document", TRAIN, ["c.yaml is empty"], {"c.yaml": "---\n~\n"}),
+    Case("top-level-list", TRAIN, ["top level must be a mapping", "got list"], {"c.yaml": "- name: x\n"}),
+    Case("duplicate-key", TRAIN, ["key 'optim.lr' is given twice (lines 3 and 4)"],
+         {"c.yaml": "name: tiny\noptim:\n  lr: 0.05\n  lr: 0.1\n"}),
+    Case("repeated-section", TRAIN, ["key 'optim' is given twice (lines 1 and 4)", "merge them into one section"],
+         {"c.yaml": "optim:\n  lr: 0.05\nname: tiny\noptim:\n  momentum: 0.5\n"}),
+    Case("duplicate-top-level-value", TRAIN, ["key 'name' is given twice (lines 1 and 2)"],
+         {"c.yaml": "name: a\nname: b\n"}),
+    Case("duplicate-in-set-value", [*TRAIN, "--set", "optim={lr: 0.1, lr: 0.2}"], ["key 'lr' is given twice"],
+         {"c.yaml": TINY}),
+    Case("malformed-yaml", TRAIN, ["c.yaml:3:1: malformed YAML"], {"c.yaml": "optim:\n  lr: [0.1\n"}),
+    Case("missing-file", ["train", "nope.yaml", "--out", "out"], ["config file not found: nope.yaml"]),
+    Case("folder-as-config", ["train", "sub", "--out", "out"], ["cannot read config file sub"],
+         {"sub/keep.txt": "x"}),
+    Case("inf-lr-in-file", TRAIN, ["optim.lr: got inf, expected a finite number"],
+         {"c.yaml": "name: tiny\noptim:\n  lr: .inf\n"}),
+    Case("inf-weight-decay", TRAIN, ["optim.weight_decay: got inf"], {"c.yaml": "optim:\n  weight_decay: .inf\n"}),
+    Case("inf-epochs", TRAIN, ["train.epochs: got inf, expected a finite number"],
+         {"c.yaml": "train:\n  epochs: .inf\n"}),
+    Case("nan-momentum", TRAIN, ["optim.momentum: got nan"], {"c.yaml": "optim:\n  momentum: .nan\n"}),
+    Case("inf-by-set", [*TRAIN, "--set", "optim.lr=inf"], ["optim.lr: got 'inf', expected a finite number"],
+         {"c.yaml": TINY}),
+    Case("minus-inf-by-set", [*TRAIN, "--set", "sparsity.erk_power_scale=-.inf"],
+         ["sparsity.erk_power_scale: got -inf"], {"c.yaml": TINY}),
+    Case("nan-epochs-by-set", [*TRAIN, "--set", "train.epochs=nan"], ["train.epochs: got 'nan'"], {"c.yaml": TINY}),
+    Case("inf-in-model-options", [*TRAIN, "--set", "model.options.hidden=[.inf]"],
+         ["model.options.hidden[0]: got inf, expected a finite number"], {"c.yaml": TINY}),
+    Case("inf-in-data-options", [*TRAIN, "--set", "data.options.noise=.inf"], ["data.options.noise: got inf"],
+         {"c.yaml": TINY}),
+    Case("inf-in-list", [*TRAIN, "--set", "optim.betas=[0.9, .inf]"], ["optim.betas[1]: got inf"], {"c.yaml": TINY}),
+    Case("density-as-percent", [*TRAIN, "--set", "sparsity.density=90"],
+         ["sparsity.density: got 90", "did you mean 0.9?"], {"c.yaml": TINY}),
+    Case("drop-fraction-as-percent", [*TRAIN, "--set", "sparsity.drop_fraction=30"], ["did you mean 0.3?"],
+         {"c.yaml": TINY}),
+    Case("unknown-key", [*TRAIN, "--set", "optim.lrr=0.1"], ["unknown key 'optim.lrr' (did you mean 'optim.lr'?)"],
+         {"c.yaml": TINY}),
+    Case("unknown-section", TRAIN, ["unknown key 'optimizer' (did you mean 'optim'?)"],
+         {"c.yaml": "optimizer:\n  lr: 0.1\n"}),
+    Case("wrong-type", [*TRAIN, "--set", "train.epochs=abc"], ["train.epochs: got 'abc' (str), expected float"],
+         {"c.yaml": TINY}),
+    Case("bool-for-number", [*TRAIN, "--set", "data.batch_size=yes"], ["data.batch_size: got True (bool)"],
+         {"c.yaml": TINY}),
+    Case("choice-typo", [*TRAIN, "--set", "sparsity.method=rigll"], ["did you mean 'rigl'?"], {"c.yaml": TINY}),
+    Case("set-without-equals", [*TRAIN, "--set", "optim.lr"], ["--set 'optim.lr': expected key.sub=value"],
+         {"c.yaml": TINY}),
+    Case("set-into-a-value", [*TRAIN, "--set", "optim.lr.x=1"], ["'optim.lr' is a value, not a section"],
+         {"c.yaml": TINY}),
+    Case("several-errors-each-named", [*TRAIN, "--set", "optim.lr=-1", "--set", "train.seedd=1"],
+         ["optim.lr: got -1", "unknown key 'train.seedd' (did you mean 'train.seed'?)"], {"c.yaml": TINY}),
+    Case("config-command-inf", ["config", "--set", "optim.lr=.inf"], ["optim.lr: got inf"]),
+    Case("config-command-empty-file", ["config", "c.yaml"], ["c.yaml is empty"], {"c.yaml": "# nothing\n"}),
+    Case("report-target-inf", ["report", "r", "--target", "inf"], ["--target: expected a finite number"]),
+    Case("demo-epochs-nan", ["demo", "--epochs", "nan"], ["--epochs: expected a finite number"]),
+    Case("sweep-lrs-inf", ["sweep", "--lrs", "0.1,inf"], ["--lrs: expected finite numbers"]),
+    Case("no-config-no-resume", ["train"], ["give a config file"]),
+]
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=repr)
+def test_config_mistakes_are_refused_naming_the_key(case, tmp_path, capsys, monkeypatch):
+    err = check(case, tmp_path, capsys, monkeypatch)
+    if not any(flag in " ".join(case.argv) for flag in ("--target", "--epochs", "--lrs")):  # argparse's own usage
+        assert all(line.startswith("error: ") for line in err.splitlines()), err
+
+
+SUBPROCESS_CASES = [
+    Case("duplicate-key", ["train", "c.yaml", "--out", "out"], ["key 'optim.lr' is given twice"],
+         {"c.yaml": "optim:\n  lr: 0.05\n  lr: 0.1\n"}),
+    Case("inf-by-set", ["train", "c.yaml", "--out", "out", "--set", "optim.weight_decay=inf"],
+         ["optim.weight_decay: got 'inf'"], {"c.yaml": TINY}),
+]
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=repr)
+def test_the_console_command_exits_2_without_a_traceback(case, tmp_path):
+    prepare(tmp_path, case.files)
+    before = tree(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "sparseopt.cli", *case.argv], cwd=tmp_path, capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == case.code, proc.stderr
+    assert all(text in proc.stderr for text in case.expect), proc.stderr
+    assert "Traceback" not in proc.stderr and tree(tmp_path) == before
+    debug = subprocess.run([sys.executable, "-m", "sparseopt.cli", "--debug", *case.argv], cwd=tmp_path,
+                           capture_output=True, text=True, env=env)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug shows where it came from
