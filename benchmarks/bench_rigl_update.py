@@ -53,13 +53,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Contender, format_table, setup_torch, summarize, time_interleaved, write_json  # noqa: E402
 
 import sparseopt as so  # noqa: E402
+from sparseopt import selection  # noqa: E402
 from sparseopt.models import resnet50  # noqa: E402
 from sparseopt.models.resnet_cifar import BasicBlock  # noqa: E402
 from sparseopt.models.resnet_imagenet import Bottleneck  # noqa: E402
 
 DENSITY = 0.1
 DROP_FRACTION = 0.3
-GOAL = 1.5
+GOAL = 0.5  # issue 13: the RigL update within half the bare torch.topk bound
 
 
 # ---- shared state ---------------------------------------------------------------------------------------------
@@ -148,12 +149,17 @@ class SparseoptUpdate:
 
     @torch.no_grad()
     def prepare(self) -> None:
+        """Restore the starting state, and every cache derived from the masks with it: the active indices (stale
+        ones made later repetitions time a different update), the change counts and the per-step grad scales."""
         for n, p in self.params.items():
             p.copy_(self.ref.weights[n])
             self.st.masks[n].copy_(self.ref.masks[n])
             self.st.fired[n].copy_(self.ref.masks[n])
             self.opt.state[p]["momentum_buffer"].copy_(self.ref.momentum[n])
         self.st.step_count = 0
+        self.st.changed = dict.fromkeys(self.st.masks, 0)
+        self.st._reset_active()
+        self.st._refresh_grad_scales()
 
     def run(self) -> None:
         with torch.no_grad():  # _update_masks runs inside the optimizer's pre-step hook, which is under no_grad
@@ -161,6 +167,17 @@ class SparseoptUpdate:
 
     def new_masks(self) -> dict[str, torch.Tensor]:
         return {n: self.st.masks[n].clone() for n in self.ref.names}
+
+
+class TopkSelectionUpdate(SparseoptUpdate):
+    """sparseopt's update with its selections forced to plain ``torch.topk`` (the code before the sampled one)."""
+
+    def run(self) -> None:
+        saved, selection.SAMPLED_TOPK_MIN = selection.SAMPLED_TOPK_MIN, 1 << 62
+        try:
+            super().run()
+        finally:
+            selection.SAMPLED_TOPK_MIN = saved
 
 
 # ---- c. sparsimony ------------------------------------------------------------------------------------------------
@@ -321,6 +338,7 @@ def main(argv=None) -> dict:
     checks, failures, impls = {}, {}, {}
     so_plain = SparseoptUpdate(ref)
     impls["sparseopt"] = so_plain
+    impls["sparseopt-topk"] = TopkSelectionUpdate(ref)
     impls["sparseopt+SO"] = SparseoptUpdate(ref, preconditioner=so.SparseOpt())
     if not args.no_packages:
         for name, cls in (("sparsimony", SparsimonyUpdate), ("rigl-torch", RiglTorchUpdate)):
@@ -337,7 +355,13 @@ def main(argv=None) -> dict:
         try:  # the untimed check pass doubles as the warm-up
             impl.prepare()
             impl.run()
-            checks[name] = mask_check(name, impl.new_masks(), base.expected, ref)
+            first = impl.new_masks()
+            checks[name] = mask_check(name, first, base.expected, ref)
+            impl.prepare()  # a second repetition must time the very same update
+            impl.run()
+            again = impl.new_masks()
+            if not all(torch.equal(first[n], again[n]) for n in ref.names):
+                raise RuntimeError(f"{name}: a second repetition computed different masks; prepare() misses a cache")
         except Exception as err:
             failures[name] = f"{type(err).__name__}: {err}"
             print(f"{name}: failed during its update: {failures[name]}")
@@ -354,13 +378,13 @@ def main(argv=None) -> dict:
     print(format_table(rows, "baseline"))
     ratio = next(r for r in rows if r["name"] == "sparseopt")
     verdict = {
-        "goal_within_1_5x_baseline": ratio["ratio_of_medians"] <= GOAL and ratio["median_paired_ratio"] <= GOAL,
+        "goal_within_0_5x_baseline": ratio["ratio_of_medians"] <= GOAL and ratio["median_paired_ratio"] <= GOAL,
         "faster_than": {r["name"]: ratio["median_s"] < r["median_s"] for r in rows
                         if r["name"] in ("sparsimony", "rigl-torch")},
     }
     print(f"\nsparseopt / baseline = {ratio['ratio_of_medians']:.3f} (ratio of medians), "
           f"{ratio['median_paired_ratio']:.3f} (median of paired ratios); goal <= {GOAL} for both: "
-          f"{'met' if verdict['goal_within_1_5x_baseline'] else 'MISSED'}")
+          f"{'met' if verdict['goal_within_0_5x_baseline'] else 'MISSED'}")
     for name, faster in verdict["faster_than"].items():
         other = next(r for r in rows if r["name"] == name)
         print(f"sparseopt vs {name}: {other['median_s'] / ratio['median_s']:.2f}x faster" if faster

@@ -1,5 +1,5 @@
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseopt.selection import drop_and_grow_
@@ -60,3 +60,39 @@ def test_matches_full_sort_reference_and_preserves_nnz(shape, density, seed, fra
     flat_old, flat_new = old.flatten(), mask.flatten()
     assert torch.equal(torch.sort(change.removed).values, (flat_old & ~flat_new).nonzero().flatten())
     assert torch.equal(torch.sort(change.added).values, (flat_new & ~flat_old).nonzero().flatten())
+
+
+# ---- the linear-time top-k selection -------------------------------------------------------------------------------
+from sparseopt.selection import topk_indices  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3000), st.floats(0.0, 1.0), st.booleans(), st.integers(0, 2**31 - 1))
+def test_sampled_topk_is_the_topk_set_without_ties(n, fraction, largest, seed):
+    x = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).float() / 7   # distinct values
+    k = int(fraction * n)
+    got = topk_indices(x, k, largest=largest, min_numel=0)
+    expected = torch.topk(x, k, largest=largest).indices
+    assert got.numel() == k and set(got.tolist()) == set(expected.tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3000), st.floats(0.0, 1.0), st.booleans(), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_sampled_topk_keeps_the_exact_count_with_ties(n, fraction, largest, levels, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, (n,), generator=g).float()
+    x[torch.rand(n, generator=g) < 0.2] = float("-inf")                      # kept entries of a grow score
+    k = int(fraction * n)
+    got = topk_indices(x, k, largest=largest, min_numel=0)
+    assert got.numel() == k == got.unique().numel()
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[got] = True
+    if 0 < k < n:  # every chosen score is at least as good as every one left out
+        assert (x[chosen].min() >= x[~chosen].max()) if largest else (x[chosen].max() <= x[~chosen].min())
+
+
+def test_sampled_topk_on_a_large_tensor_takes_the_sampled_path_and_matches():
+    x = torch.randn(600_000, generator=torch.Generator().manual_seed(0))
+    for k, largest in [(18_000, True), (180_000, False)]:
+        assert set(topk_indices(x, k, largest=largest).tolist()) == set(
+            torch.topk(x, k, largest=largest).indices.tolist())
