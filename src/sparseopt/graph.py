@@ -17,12 +17,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 _TRANSPARENT_MODULES = (nn.Identity, nn.Dropout, nn.Flatten)
 
 
-def _fx_feeders(model: nn.Module, layers: set[str]) -> set[str]:
+def _fx_feeders(model: nn.Module, layers: set[str]) -> dict[str, str]:
     import torch.fx
 
     graph = torch.fx.symbolic_trace(model).graph
     modules = dict(model.named_modules())
-    found: set[str] = set()
+    found: dict[str, str] = {}
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BatchNorm):
             continue
@@ -31,27 +31,29 @@ def _fx_feeders(model: nn.Module, layers: set[str]) -> set[str]:
                and isinstance(modules.get(src.target), _TRANSPARENT_MODULES)):
             src = src.args[0]
         if isinstance(src, torch.fx.Node) and src.op == "call_module" and src.target in layers:
-            found.add(src.target)
+            found.setdefault(src.target, node.target)
     return found
 
 
-def _hook_feeders(model: nn.Module, layers: set[str], example_input) -> set[str]:
+def _hook_feeders(model: nn.Module, layers: set[str], example_input) -> dict[str, str]:
     modules = dict(model.named_modules())
     produced: dict[int, str] = {}
-    found: set[str] = set()
+    found: dict[str, str] = {}
 
     def on_layer(name):
         def hook(_mod, _inp, out):
             produced[id(out)] = name
         return hook
 
-    def on_bn(_mod, inp, _out):
-        name = produced.get(id(inp[0]))
-        if name is not None:
-            found.add(name)
+    def on_bn(bn_name):
+        def hook(_mod, inp, _out):
+            name = produced.get(id(inp[0]))
+            if name is not None:
+                found.setdefault(name, bn_name)
+        return hook
 
     handles = [modules[n].register_forward_hook(on_layer(n)) for n in layers]
-    handles += [m.register_forward_hook(on_bn) for m in modules.values() if isinstance(m, _BatchNorm)]
+    handles += [m.register_forward_hook(on_bn(n)) for n, m in modules.items() if isinstance(m, _BatchNorm)]
     was_training = model.training
     try:
         model.eval()  # eval: no BatchNorm running-statistics update from this probe
@@ -69,6 +71,13 @@ def layers_feeding_batchnorm(model: nn.Module, layer_names: Iterable[str], examp
 
     Raises ``ValueError`` naming the fix when the model cannot be traced and no ``example_input`` is given.
     """
+    return set(batchnorm_after(model, layer_names, example_input))
+
+
+def batchnorm_after(model: nn.Module, layer_names: Iterable[str], example_input=None) -> dict[str, str]:
+    """``{layer: name of the BatchNorm module it feeds}`` for the layers among ``layer_names`` that feed one (the
+    first, if several): the neuron-health report and ``SparseOpt(factor_source="batchnorm")`` read its per-channel
+    statistics. Same tracing and errors as :func:`layers_feeding_batchnorm`."""
     layers = set(layer_names)
     try:
         return _fx_feeders(model, layers)

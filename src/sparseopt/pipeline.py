@@ -21,9 +21,10 @@ import torch.distributed as dist
 from torch import nn
 
 from sparseopt.distributions import check_density, layer_nnz
-from sparseopt.graph import layers_feeding_batchnorm
+from sparseopt.graph import batchnorm_after, layers_feeding_batchnorm
+from sparseopt.health import correction_ratio, layer_health
 from sparseopt.init import sparse_init_
-from sparseopt.masks import DEFAULT_MODULE_TYPES, SparseParam, fan_in, random_mask, select_sparse_params
+from sparseopt.masks import DEFAULT_MODULE_TYPES, SparseParam, random_mask, select_sparse_params
 from sparseopt.optim.decay import decoupled_groups, fold_coupled_weight_decay_, restore_weight_decay
 from sparseopt.optim.renorm import RENORM_MODES, global_grad_norm, renormalize_
 from sparseopt.optim.sparseopt import SparseOpt
@@ -108,6 +109,8 @@ class SparseTraining:
         self._reset_active()
         self.step_count = 0
         self._precondition_names = self._resolve_preconditioner_scope()
+        self._bn_names: dict[str, str] | None = None
+        self._param_of = {p.name: p.param for p in self.params}
         self._fold_decay = preconditioner is not None and preconditioner.precondition_weight_decay
         self._folded_decay: list[tuple[dict, float]] = []
         if self._fold_decay:
@@ -359,15 +362,44 @@ class SparseTraining:
         """Fraction of sparse-layer weights that are active (constant: every update keeps each layer's nnz)."""
         return sum(self.target_nnz.values()) / sum(p.param.numel() for p in self.params)
 
+    def following_batchnorms(self) -> dict[str, str]:
+        """``{sparse weight name: the BatchNorm module its layer feeds}``, traced once and cached; {} with a
+        warning when the model can be neither traced nor probed (no example input)."""
+        if self._bn_names is None:
+            module_of = {p.name: p.name.rsplit(".", 1)[0] for p in self.params}
+            example = self.preconditioner.example_input if self.preconditioner is not None else None
+            try:
+                feeds = batchnorm_after(self.model, set(module_of.values()), example)
+            except ValueError as err:
+                warnings.warn(f"the neuron-health report has no BatchNorm statistics: {err}", stacklevel=3)
+                feeds = {}
+            self._bn_names = {n: feeds[m] for n, m in module_of.items() if m in feeds}
+        return self._bn_names
+
+    def correction_ratio(self) -> float | None:
+        """||corrected g|| / ||g|| over all the optimizer's current gradients (the last step's, as SparseOpt left
+        them); None without a preconditioner or gradients."""
+        if self.preconditioner is None:
+            return None
+        factors = {id(self._param_of[n]): c for n, c in self.factors().items()}
+        return correction_ratio((p.grad, factors.get(id(p))) for p in self._with_grad(self.optimizer))
+
     def report(self) -> SparsityReport:
+        """Per layer: density, ITOP, last changes and neuron health (:func:`sparseopt.health.layer_health`)."""
+        modules = dict(self.model.named_modules())
+        bns = self.following_batchnorms()
         rows = []
         for p in self.params:
             mask, numel = self.masks[p.name], p.param.numel()
+            bn = bns.get(p.name)
+            health = layer_health(p.param, mask, modules[bn] if bn is not None else None)
             rows.append(LayerReport(
                 name=p.name, shape=tuple(p.shape), numel=numel, target_density=self.target_nnz[p.name] / numel,
                 density=int(mask.sum()) / numel, itop=int(self.fired[p.name].sum()) / numel,
-                changed=self.changed[p.name], zero_fanin=int((fan_in(mask) == 0).sum())))
-        return SparsityReport(step=self.step_count, layers=rows)
+                changed=self.changed[p.name], zero_fanin=health["dead"], norm_max=health["norm_max"],
+                norm_max_over_median=health["norm_max_over_median"], batchnorm=bn,
+                sigma_slope=health["sigma_slope"], gamma_slope=health["gamma_slope"]))
+        return SparsityReport(step=self.step_count, layers=rows, correction_ratio=self.correction_ratio())
 
     def state_dict(self) -> dict:
         return {

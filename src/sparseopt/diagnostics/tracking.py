@@ -154,6 +154,11 @@ class ScaleTracker:
       hooks exist only during that pass and BatchNorm buffers / the RNG are restored afterwards.
     * sparse runs: ``zero_fanin/<layer>`` (output units with no active input) and, with SparseOpt,
       ``factor_min/<layer>``, ``factor_max/<layer>``, ``factor_mean/<layer>`` over units with inputs.
+    * sparse runs, neuron health (:mod:`sparseopt.health`): ``norm_max/<layer>`` (largest ||w_i||),
+      ``norm_max_over_median/<layer>``, ``sigma_slope/<layer>`` and ``gamma_slope/<layer>`` (log-log slopes of the
+      following BatchNorm's sigma_i and |gamma_i| against fan-in k_i, from its running statistics), and the totals
+      ``dead`` (zero-fan-in units), ``norm_max_over_median`` (the largest over layers), ``sigma_slope`` (mean over
+      layers with a BatchNorm and a slope) and, with SparseOpt, ``correction_ratio`` (||corrected g|| / ||g||).
     """
 
     def __init__(self, every: int, name: str = "scales", *, batch: int = 256) -> None:
@@ -183,6 +188,7 @@ class ScaleTracker:
                     if summary.get("neurons"):
                         for key in ("min", "max", "mean"):
                             metrics[f"factor_{key}/{layer}"] = summary[key]
+            metrics.update(_health_metrics(ctx.sparse.report()))
         return metrics or None
 
     @staticmethod
@@ -211,6 +217,26 @@ class ScaleTracker:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def _health_metrics(report) -> dict[str, float]:
+    """The neuron-health columns of a sparsity report as flat metrics (absent values are not logged)."""
+    metrics: dict[str, float] = {"dead": float(sum(r.zero_fanin for r in report.layers))}
+    for r in report.layers:
+        layer = _layer(r.name)
+        metrics[f"norm_max/{layer}"] = r.norm_max
+        for key in ("norm_max_over_median", "sigma_slope", "gamma_slope"):
+            if getattr(r, key) is not None:
+                metrics[f"{key}/{layer}"] = getattr(r, key)
+    ratios = [r.norm_max_over_median for r in report.layers if r.norm_max_over_median is not None]
+    slopes = [r.sigma_slope for r in report.layers if r.sigma_slope is not None]
+    if ratios:
+        metrics["norm_max_over_median"] = max(ratios)
+    if slopes:
+        metrics["sigma_slope"] = sum(slopes) / len(slopes)
+    if report.correction_ratio is not None:
+        metrics["correction_ratio"] = report.correction_ratio
+    return metrics
 
 
 class ItopTracker:

@@ -10,6 +10,7 @@ from pathlib import Path
 from sparseopt.experiments.checkpoint import atomic_write
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.report_eos import plot_itop, plot_sharpness
+from sparseopt.experiments.report_health import plot_health
 from sparseopt.experiments.runlog import read_jsonl
 from sparseopt.figures import save_png
 
@@ -168,7 +169,8 @@ def make_report(run_dirs: list[str | Path], out_dir: str | Path, target: float =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(groups, out_dir)
-    plots += [p for p in (plot_sharpness(groups, out_dir), plot_itop(groups, out_dir)) if p is not None]
+    plots += [p for p in (plot_sharpness(groups, out_dir), plot_itop(groups, out_dir), plot_health(groups, out_dir))
+              if p is not None]
     with atomic_write(out_dir / "report.md") as f:
         f.write(f"# sparseopt report\n\n{table}\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
     summary = {"target_accuracy": target, "rows": rows, "runs": [str(r.path) for r in runs],
