@@ -25,3 +25,13 @@ class _Counting(nn.Sequential):
 
 def counting_mlp(num_classes, in_shape, interrupt_at=None, nan_at=None):
     return _Counting(math.prod(in_shape), num_classes, interrupt_at, nan_at)
+
+
+def needs_width(num_classes, in_shape, width):
+    """A factory with a required option (model.options.width)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), width), nn.Linear(width, num_classes))
+
+
+def one_class_too_many(num_classes, in_shape):
+    """A factory whose classifier does not match the data's class count."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), num_classes + 1))

@@ -145,6 +145,92 @@ def test_config_mistakes_are_refused_naming_the_key(case, tmp_path, capsys, monk
         assert all(line.startswith("error: ") for line in err.splitlines()), err
 
 
+def setting(*overrides: str) -> list[str]:
+    return [*TRAIN, *(a for o in overrides for a in ("--set", o))]
+
+
+PREFLIGHT_CASES = [
+    Case("out-is-a-file", TRAIN, ["output folder out exists and is a file"], {"c.yaml": TINY, "out": "x"}),
+    Case("out-under-a-file", [*TRAIN[:-1], "f/run"], ["output folder f/run cannot be created: f is a file"],
+         {"c.yaml": TINY, "f": "x"}),
+    Case("out-in-proc", [*TRAIN[:-1], "/proc/sparseopt-test/run"], ["output folder /proc/sparseopt-test/run cannot be "
+                                                                    "created or written"], {"c.yaml": TINY}),
+    Case("model-option-typo", setting("model.options.hiden=[8]"),
+         ["unknown key 'model.options.hiden' (did you mean 'model.options.hidden'?)"], {"c.yaml": TINY}),
+    Case("model-option-of-another-model", setting("model.name=cnn"),
+         ["unknown key 'model.options.hidden' (model 'cnn' takes: norm)"], {"c.yaml": TINY}),
+    Case("model-option-num-classes", setting("model.options.num_classes=100"),
+         ["model.options.num_classes: set from the data (data.options.num_classes)"], {"c.yaml": TINY}),
+    Case("user-model-option-typo", setting("model.name=cli_models:counting_mlp", "model.options={nan_att: 3}"),
+         ["unknown key 'model.options.nan_att' (did you mean 'model.options.nan_at'?)"], {"c.yaml": TINY}),
+    Case("user-model-required-option", setting("model.name=cli_models:needs_width", "model.options={}"),
+         ["missing required key 'model.options.width'"], {"c.yaml": TINY}),
+    Case("model-option-bad-value", setting("model.options.norm=batchnorm"),
+         ["model.options", "norm must be one of"], {"c.yaml": TINY}),
+    Case("unknown-model", setting("model.name=mlpp"), ["model.name: unknown model 'mlpp'. Did you mean 'mlp'"],
+         {"c.yaml": TINY}),
+    Case("unimportable-model", setting("model.name=no_such_module:f"), ["cannot import module 'no_such_module'"],
+         {"c.yaml": TINY}),
+    Case("conv-model-on-flat-data", setting("model.name=cnn", "model.options={}", "data.options.shape=[36]"),
+         ["model.name 'cnn'", "cannot take the inputs of data.name 'synthetic' (inputs of shape (36,)"],
+         {"c.yaml": TINY}),
+    Case("model-output-not-the-class-count", setting("model.name=cli_models:one_class_too_many", "model.options={}"),
+         ["outputs (2, 5)", "needs (2, 4)"], {"c.yaml": TINY}),
+    Case("data-option-typo", setting("data.options.n_trian=10"),
+         ["unknown key 'data.options.n_trian' (did you mean 'data.options.n_train'?)"], {"c.yaml": TINY}),
+    Case("data-option-shadowing-a-key", setting("data.options.batch_size=8"),
+         ["data.options.batch_size: set it with data.batch_size"], {"c.yaml": TINY}),
+    Case("start-after-last-update", setting("sparsity.start_step=100"),
+         ["sparsity.start_step 100 is not before the last mask update at step 18", "method 'rigl'"], {"c.yaml": TINY}),
+    Case("start-at-last-update", setting("sparsity.method=set", "sparsity.start_step=9", "sparsity.end_fraction=0.375"),
+         ["sparsity.start_step 9 is not before the last mask update at step 9", "method 'set'"], {"c.yaml": TINY}),
+    Case("end-fraction-too-small", setting("sparsity.end_fraction=0.01"),
+         ["sparsity.start_step 0 is not before the last mask update at step 0"], {"c.yaml": TINY}),
+    Case("drop-fraction-zero", setting("sparsity.drop_fraction=0"), ["sparsity.drop_fraction 0 never changes a mask"],
+         {"c.yaml": TINY}),
+    Case("density-one-but-sparse", setting("sparsity.density=1"), ["sparsity.density 1 keeps every weight"],
+         {"c.yaml": TINY}),
+    Case("warmup-longer-than-run", setting("optim.warmup_epochs=5"), ["optim.warmup_epochs 5 is not shorter"],
+         {"c.yaml": TINY}),
+    Case("min-lr-above-lr", setting("optim.min_lr=0.5"), ["optim.min_lr 0.5 is above the peak optim.lr 0.05"],
+         {"c.yaml": TINY}),
+    Case("diagnostic-never-due", setting("diagnostics.hessian_every=1000"),
+         ["diagnostics.hessian_every 1000 is longer than the run (24 steps"], {"c.yaml": TINY}),
+    Case("output-classes-without-weights", setting("sparsity.density=0.00001"),
+         ["leaves 3 of 4 classes (0, 2, 3) without a weight in the output layer 'net.4.weight'"], {"c.yaml": TINY}),
+    Case("layer-without-weights", setting("sparsity.density=0.0001", "sparsity.prune_first_layer=true",
+                                          "model.options.hidden=[32, 32]", "data.options.shape=[1, 28, 28]"),
+         ["sparsity.density 0.0001 (erk) leaves layer(s) 'net.4.weight' (32x32), 'net.7.weight' (4x32) with 0 "
+          "weights", "raise sparsity.density to at least 0.0"], {"c.yaml": TINY}),
+    Case("pruning-at-init-keeps-nothing", setting("sparsity.method=static", "sparsity.initial_mask=snip",
+                                                  "sparsity.density=0.0001"),
+         ["initial_mask 'snip'", "keeps no weight"], {"c.yaml": TINY}),
+    Case("exclude-matches-nothing", setting("sparsity.exclude=[fc.*]"), ["exclude ['fc.*']", "matches no"],
+         {"c.yaml": TINY}),
+    Case("sparseopt-on-a-dense-model", setting("sparsity.method=dense"), ["sparseopt.enabled"], {"c.yaml": TINY}),
+    Case("missing-cifar", setting("data.name=cifar10", "data.options={}", "data.root=nowhere"),
+         ["cifar-10-batches-py"], {"c.yaml": TINY}),
+]
+
+
+@pytest.mark.parametrize("case", PREFLIGHT_CASES, ids=repr)
+def test_what_can_be_checked_before_training_is_checked_before_the_folder_exists(case, tmp_path, capsys,
+                                                                                  monkeypatch):
+    if case.id == "out-in-proc" and not Path("/proc/self").exists():
+        pytest.skip("needs Linux /proc")
+    err = check(case, tmp_path, capsys, monkeypatch)
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+
+
+def test_settings_that_never_take_effect_are_warned_about(tmp_path, capsys, monkeypatch):
+    prepare(tmp_path, {"c.yaml": tiny(train={"log_every": 500, "epochs": 1})})
+    monkeypatch.chdir(tmp_path)
+    assert main(TRAIN) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["warning: train.log_every 500 is longer than the run (8 steps (train.epochs 1 x 8 "
+                                "batches)): no training metrics will be logged"]
+
+
 SUBPROCESS_CASES = [
     Case("duplicate-key", ["train", "c.yaml", "--out", "out"], ["key 'optim.lr' is given twice"],
          {"c.yaml": "optim:\n  lr: 0.05\n  lr: 0.1\n"}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from sparseopt.data.errors import DataError
@@ -277,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": _cmd_train, "report": _cmd_report, "demo": _cmd_demo, "diagnose": _cmd_diagnose,
                 "reproduce": _cmd_reproduce, "config": _cmd_config, "sweep": _cmd_sweep}
     try:
-        return commands[args.command](args)
+        with warnings.catch_warnings():  # restores the warning printer after an in-process call
+            warnings.showwarning = _print_warning
+            return commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -304,6 +307,15 @@ def main(argv: list[str] | None = None) -> int:
         _print_error([f"unexpected {type(err).__name__}: {first} (a bug in sparseopt or in a user model factory; "
                       "rerun with --debug for the traceback)"])
         return EXIT_BUG
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Config warnings as one ``warning:`` line; other warnings keep where they came from."""
+    from sparseopt.experiments.preflight import ConfigWarning
+
+    text = str(message) if issubclass(category, ConfigWarning) else \
+        f"{message} ({category.__name__}, {Path(filename).name}:{lineno})"
+    print(f"warning: {text}", file=sys.stderr if file is None else file)
 
 
 def _print_error(lines: list[str]) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 import sparseopt as so
 from sparseopt.data import build_datasets, dataset_options
 from sparseopt.data.registry import DataBundle
+from sparseopt.experiments import preflight
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.lr_schedule import warmup_cosine_scheduler
 from sparseopt.experiments.schema import RunConfig
@@ -38,13 +39,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def data_settings(cfg: RunConfig) -> dict:
+    """The dataset arguments that come from the config's own keys (``data.options`` may not repeat them)."""
+    d = cfg.data
+    return {"batch_size": d.batch_size, "test_batch_size": d.test_batch_size, "augment": d.augment,
+            "download": d.download, "num_workers": d.num_workers, "data_seed": d.data_seed, "seed": cfg.train.seed}
+
+
 def build_data(cfg: RunConfig) -> DataBundle:
     d = cfg.data
-    wanted = {"batch_size": d.batch_size, "test_batch_size": d.test_batch_size, "augment": d.augment,
-              "download": d.download, "num_workers": d.num_workers, "data_seed": d.data_seed, "seed": cfg.train.seed}
+    preflight.check_data_options(cfg, data_settings(cfg))
     accepted = dataset_options(d.name)
-    options = {k: v for k, v in wanted.items() if k in accepted}
-    return build_datasets(d.name, d.root, **{**options, **d.options})
+    options = {k: v for k, v in data_settings(cfg).items() if k in accepted}
+    return build_datasets(d.name, d.root, **options, **d.options)
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -90,7 +97,7 @@ def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
                             "sparsity.method to set or rigl, or leave drop_criterion at 'magnitude'")
         topology = so.Static()
     else:
-        end_step = max(s.start_step + 1, int(s.end_fraction * total_steps))
+        end_step = int(s.end_fraction * total_steps)  # preflight.check_schedule: start_step < end_step
         cls = so.RigL if s.method == "rigl" else so.SET
         topology = cls(s.update_every, s.drop_fraction, start_step=s.start_step, end_step=end_step,
                        annealing=s.annealing, skip_step_on_update=s.skip_step_on_update, grow_init=s.grow_init,
@@ -108,22 +115,37 @@ def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
-    """Everything a run needs, built before anything is written to disk (bad input fails here, cleanly)."""
+    """Everything a run needs, built before anything is written to disk (bad input fails here, cleanly).
+
+    The checks of :mod:`sparseopt.experiments.preflight` run as soon as what they need exists: model options
+    before the data, the schedule once the epoch length is known, one forward pass once the model is built, and
+    the masks once they are drawn."""
     device = resolve_device(cfg.train.device)
+    preflight.check_model_options(cfg)
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg)
+    total_steps = max(1, math.ceil(cfg.train.epochs * len(data.train)))
+    preflight.check_schedule(cfg, len(data.train), total_steps)
     try:
         model = build_model(cfg.model.name, data.num_classes, data.input_shape, **cfg.model.options).to(device)
-    except TypeError as err:
-        raise UserError(f"model.options {cfg.model.options} do not fit model {cfg.model.name!r}: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise UserError(f"model.name {cfg.model.name!r} cannot be built with model.options {cfg.model.options}: "
+                        f"{err}") from err
+    preflight.check_model_fits(model, data, cfg, device)
     optimizer = build_optimizer(cfg, model)
-    total_steps = max(1, math.ceil(cfg.train.epochs * len(data.train)))
     warmup = int(cfg.optim.warmup_epochs * len(data.train))
     peak = optimizer.param_groups[0]["lr"]
     scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=warmup, total_steps=total_steps, peak_lr=peak,
                                         min_lr=cfg.optim.min_lr)
-    masks = initial_masks(cfg, model, data) if cfg.sparsity.method != "dense" else None
-    sparse = build_sparse(cfg, model, optimizer, total_steps, masks)
+    try:
+        masks = initial_masks(cfg, model, data) if cfg.sparsity.method != "dense" else None
+        sparse = build_sparse(cfg, model, optimizer, total_steps, masks)
+    except ValueError as err:  # the core's checks of the sparse set (exclude patterns, first/last layer rules)
+        s = cfg.sparsity
+        raise UserError(f"sparsity (method {s.method!r}, density {s.density:g}, initial_mask {s.initial_mask!r}, "
+                        f"exclude {s.exclude}) does not fit model.name {cfg.model.name!r}: {err}") from err
+    if sparse is not None:
+        preflight.check_masks(cfg, model, sparse.masks, data.num_classes)
     return Experiment(cfg, data, model, optimizer, scheduler, sparse, total_steps, device)
 
 

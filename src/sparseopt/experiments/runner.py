@@ -26,6 +26,7 @@ from sparseopt.experiments.checkpoint import CheckpointManager, atomic_write
 from sparseopt.experiments.configio import dump_yaml, to_dict
 from sparseopt.experiments.distributed import any_rank, barrier, init_from_env
 from sparseopt.experiments.errors import UserError
+from sparseopt.experiments.preflight import check_output_folder
 from sparseopt.experiments.runlog import RunLogger, progress
 from sparseopt.experiments.schema import RunConfig
 
@@ -129,13 +130,14 @@ class Runner:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         self.dist = init_from_env()
+        check_output_folder(self.out)                     # the cheap checks first: nothing built yet
+        check_out_dir(self.out, overwrite=overwrite, resume=resume)
         self.exp: Experiment = build_experiment(cfg)      # all validation happens before the folder is touched
         self.net = self.exp.model
         if self.dist.enabled:
             self.exp.data.train.shard(self.dist.rank, self.dist.world)
             ids = [torch.cuda.current_device()] if self.exp.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.exp.model, device_ids=ids)
-        check_out_dir(self.out, overwrite=overwrite, resume=resume)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not resume:

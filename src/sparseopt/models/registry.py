@@ -49,6 +49,7 @@ def _channels_first(factory: Callable[..., nn.Module]) -> Callable[..., nn.Modul
         return factory(num_classes=num_classes, in_channels=in_shape[0], **kwargs)
 
     build.__doc__ = factory.__doc__
+    build.options_from = factory  # type: ignore[attr-defined]  # what model_options inspects
     return build
 
 
@@ -74,14 +75,50 @@ def build_model(name: str, num_classes: int, in_shape: Sequence[int], **kwargs: 
         return _REGISTRY[name](num_classes, in_shape, **kwargs)
     if ":" in name:
         return _call_factory(name, num_classes, in_shape, kwargs)
+    raise _unknown_model(name)
+
+
+def _unknown_model(name: str) -> ValueError:
     close = difflib.get_close_matches(name, MODEL_NAMES, n=3)
     hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise ValueError(
+    return ValueError(
         f"unknown model {name!r}.{hint} Allowed names: {', '.join(MODEL_NAMES)}, or 'package.module:callable'."
     )
 
 
+#: Arguments a model receives from the data, never from ``model.options``.
+DATA_ARGUMENTS = ("num_classes", "in_shape", "in_channels", "in_features")
+
+
+def model_options(name: str) -> dict[str, inspect.Parameter] | None:
+    """The options (keyword arguments besides those from the data) model ``name`` takes; None if it takes any
+    (a ``**kwargs`` factory). Lets a config's ``model.options`` be checked, with suggestions, before building."""
+    if name in _REGISTRY:
+        factory = _REGISTRY[name]
+    elif ":" in name:
+        factory = _resolve_factory(name)
+    else:
+        raise _unknown_model(name)
+    try:
+        params = inspect.signature(getattr(factory, "options_from", factory)).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n: p for n, p in params.items() if p.kind in keyword and n not in DATA_ARGUMENTS}
+
+
 def _call_factory(spec: str, num_classes: int, in_shape: tuple[int, ...], kwargs: dict[str, Any]) -> nn.Module:
+    target = _resolve_factory(spec)
+    extra = {"num_classes": num_classes, "in_shape": in_shape}
+    model = target(**{k: v for k, v in extra.items() if _accepts(target, k)}, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _resolve_factory(spec: str) -> Callable[..., Any]:
     module_name, _, attr_path = spec.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
@@ -94,11 +131,7 @@ def _call_factory(spec: str, num_classes: int, in_shape: tuple[int, ...], kwargs
         raise ValueError(f"module {module_name!r} has no attribute {attr_path!r} (model {spec!r})") from None
     if not callable(target):
         raise ValueError(f"model factory {spec!r} is not callable")
-    extra = {"num_classes": num_classes, "in_shape": in_shape}
-    model = target(**{k: v for k, v in extra.items() if _accepts(target, k)}, **kwargs)
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
-    return model
+    return target
 
 
 def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
