@@ -1,0 +1,89 @@
+"""Sparse training in a Lightning ``Trainer``: add one callback.
+
+    trainer = lightning.pytorch.Trainer(callbacks=[SparseTrainingCallback(
+        density=0.1, topology=sparseopt.RigL(update_every=100, end_step=int(0.75 * max_steps)),
+        preconditioner=sparseopt.SparseOpt())])
+
+The callback attaches :class:`~sparseopt.SparseTraining` to the LightningModule's optimizer when training starts
+(after Lightning has restored weights and optimizer state from ``ckpt_path``), stores the sparse state in every
+Lightning checkpoint (the callback's ``state_dict``), continues from it on ``trainer.fit(..., ckpt_path=...)``, and
+logs ``sparseopt/density`` and ``sparseopt/itop`` through ``LightningModule.log`` to every logger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+
+from sparseopt.integrations._attach import attach, check_consistent, metrics
+from sparseopt.pipeline import SparseTraining
+
+
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside a ``LightningOptimizer`` (what ``LightningModule.optimizers()`` returns)."""
+    while isinstance(optimizer, LightningOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class SparseTrainingCallback(pl.Callback):
+    """Sparsify the LightningModule and keep it sparse; the options are :class:`~sparseopt.SparseTraining`'s.
+
+    ``optimizer_index`` picks the optimizer when ``configure_optimizers`` returns several (one callback each, with
+    ``include``/``exclude`` splitting the weights). ``self.sparse`` is the attached ``SparseTraining``.
+    """
+
+    def __init__(self, density: Any = 0.1, *, optimizer_index: int | None = None, **options: Any) -> None:
+        self.options = {"density": density, **options}
+        self.optimizer_index = optimizer_index
+        self.sparse: SparseTraining | None = None
+        self._saved: dict | None = None  # restored from a checkpoint, waiting for the optimizer
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(optimizer_index=self.optimizer_index)
+
+    def _optimizer(self, trainer: pl.Trainer) -> torch.optim.Optimizer:
+        optimizers = trainer.optimizers
+        if self.optimizer_index is None:
+            if len(optimizers) != 1:
+                raise ValueError(f"configure_optimizers returned {len(optimizers)} optimizers; give "
+                                 "SparseTrainingCallback(optimizer_index=i) for the one holding the sparse weights "
+                                 "(one callback per optimizer, split with include=/exclude=)")
+            return unwrap_optimizer(optimizers[0])
+        if not 0 <= self.optimizer_index < len(optimizers):
+            raise ValueError(f"optimizer_index={self.optimizer_index}, but configure_optimizers returned "
+                             f"{len(optimizers)} optimizer(s); use 0..{len(optimizers) - 1}")
+        return unwrap_optimizer(optimizers[self.optimizer_index])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = self._optimizer(trainer)
+        saved, self._saved = self._saved, None
+        if saved is None and trainer.ckpt_path is not None:
+            raise ValueError(f"resuming from {trainer.ckpt_path}, which holds no sparse state for this callback "
+                             f"(key {self.state_key!r}): it was not written with SparseTrainingCallback, so the "
+                             "masks, schedule and ITOP of the sparse run cannot be restored")
+        if self.sparse is not None and self.sparse.optimizer is optimizer and self.sparse.model is pl_module:
+            if saved is not None:  # fit() again on the same objects, from a checkpoint
+                check_consistent(pl_module, saved)
+                self.sparse.load_state_dict(saved)
+            return
+        if self.sparse is not None:
+            self.sparse.remove()
+        self.sparse = attach(pl_module, optimizer, self.options, saved)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self.sparse is not None:
+            pl_module.log_dict(metrics(self.sparse), on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict:
+        if self.sparse is not None:
+            return self.sparse.state_dict()
+        return dict(self._saved or {})
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._saved = dict(state_dict) if state_dict else None

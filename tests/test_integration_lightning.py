@@ -1,0 +1,192 @@
+"""The Lightning callback with the real lightning package: its DEFAULT automatic-optimization loop (no
+``optimizer_step`` override, so Lightning calls ``optimizer.step(closure)``), a tiny random-init CNN."""
+
+import runpy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+import sparseopt as so
+from sparseopt.integrations.lightning import SparseTrainingCallback
+
+EPOCHS, BATCHES, ACCUMULATE = 3, 6, 2  # 3 optimizer steps per epoch
+MAX_NORM, LR = 0.05, 0.05
+
+
+def images(n=BATCHES * 8, classes=5):
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, classes, (n,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, seed=0, momentum=0.9, scheduler=True):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+        self.momentum, self.scheduler = momentum, scheduler
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=LR, momentum=self.momentum)
+        if not self.scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def sparse_options():
+    return dict(density=0.3, topology=so.RigL(update_every=2, drop_fraction=0.5, end_step=EPOCHS * 3 - 1),
+                preconditioner=so.SparseOpt())
+
+
+def fit(tmp, module, ckpt_path=None, extra_callbacks=(), **trainer_options):
+    cb = SparseTrainingCallback(**sparse_options())
+    ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    options = dict(max_epochs=EPOCHS, accumulate_grad_batches=ACCUMULATE, accelerator="cpu", devices=1,
+                   logger=CSVLogger(tmp, name="logs"), log_every_n_steps=1, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=True, deterministic=True)
+    trainer = pl.Trainer(callbacks=[cb, ckpt, *extra_callbacks], **{**options, **trainer_options})
+    trainer.fit(module, images(), ckpt_path=ckpt_path)
+    return trainer, cb
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pl_full")
+    module = Classifier()
+    trainer, cb = fit(tmp, module)
+    return tmp, module, trainer, cb
+
+
+def test_default_loop_trains_sparse_and_checkpoints_the_sparse_state(uninterrupted):
+    tmp, module, trainer, cb = uninterrupted
+    sparse = cb.sparse
+    assert sparse.optimizer is trainer.optimizers[0]
+    assert sparse.step_count == EPOCHS * BATCHES // ACCUMULATE
+    for p in sparse.params:
+        assert not p.param[~sparse.masks[p.name]].any()
+        assert int(sparse.masks[p.name].sum()) == sparse.target_nnz[p.name]
+    saved = torch.load(tmp / "ckpt" / "epoch=0.ckpt", weights_only=False)["callbacks"][cb.state_key]
+    assert saved["step"] == BATCHES // ACCUMULATE
+
+
+def test_density_and_itop_reach_the_logger(uninterrupted):
+    tmp, _, trainer, cb = uninterrupted
+    import csv
+
+    rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+    density = [float(r["sparseopt/density"]) for r in rows if r.get("sparseopt/density")]
+    itop = [float(r["sparseopt/itop"]) for r in rows if r.get("sparseopt/itop")]
+    assert len(density) >= EPOCHS and all(d == pytest.approx(cb.sparse.density()) for d in density)
+    assert itop == sorted(itop) and itop[-1] == pytest.approx(cb.sparse.itop())
+
+
+def test_resume_from_ckpt_path_matches_the_uninterrupted_run_bit_identically(uninterrupted, tmp_path):
+    full_tmp, full_module, _, full_cb = uninterrupted
+    module = Classifier(seed=1)  # a different init: everything must come from the checkpoint
+    _, cb = fit(tmp_path, module, ckpt_path=full_tmp / "ckpt" / "epoch=0.ckpt")
+    assert cb.sparse.step_count == full_cb.sparse.step_count
+    for name, mask in full_cb.sparse.masks.items():
+        assert torch.equal(cb.sparse.masks[name], mask), name
+        assert torch.equal(cb.sparse.fired[name], full_cb.sparse.fired[name]), name
+    resumed = module.state_dict()
+    for name, value in full_module.state_dict().items():
+        assert torch.equal(resumed[name], value), name
+
+
+def test_resuming_a_checkpoint_without_sparse_state_is_an_error(uninterrupted, tmp_path):
+    full_tmp, _, _, cb = uninterrupted
+    ckpt = torch.load(full_tmp / "ckpt" / "epoch=0.ckpt", weights_only=False)
+    del ckpt["callbacks"][cb.state_key]
+    torch.save(ckpt, tmp_path / "dense.ckpt")
+    with pytest.raises(ValueError, match="holds no sparse state"):
+        fit(tmp_path, Classifier(), ckpt_path=tmp_path / "dense.ckpt")
+
+
+def plain_loop(module, steps):
+    """The same training written by hand: accumulate 2 micro-batches (loss / 2), step, schedule."""
+    opt_config = module.configure_optimizers()
+    opt, sched = opt_config["optimizer"], opt_config["lr_scheduler"]["scheduler"]
+    sparse = so.SparseTraining(module, opt, **sparse_options())
+    batches = list(images())
+    module.train()
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        for x, y in batches[(step * ACCUMULATE) % BATCHES:][:ACCUMULATE]:
+            (module.training_step((x, y), 0) / ACCUMULATE).backward()
+        opt.step()
+        sched.step()
+    return sparse
+
+
+@pytest.mark.xfail(strict=True, reason="needs i9-core: closure-style optimizer.step(closure) (Lightning computes the "
+                                       "gradient inside step(), after the library's pre-step hook)")
+def test_default_loop_equals_the_same_training_in_a_plain_loop(uninterrupted):
+    _, full_module, _, full_cb = uninterrupted
+    module = Classifier()
+    sparse = plain_loop(module, EPOCHS * BATCHES // ACCUMULATE)
+    for name, mask in sparse.masks.items():
+        assert torch.equal(full_cb.sparse.masks[name], mask), name
+    for name, value in module.state_dict().items():
+        assert torch.equal(full_module.state_dict()[name], value), name
+
+
+class UpdateNorms(pl.Callback):
+    """Per optimizer step: the norm of the gradient right before clipping (``on_before_optimizer_step`` runs
+    between backward and clipping) and of the update actually applied, ||Δw|| / lr (plain SGD, constant lr)."""
+
+    def __init__(self, sparse_cb):
+        self.sparse_cb, self.rows, self._before = sparse_cb, [], None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self._before = ([p.detach().clone() for p in pl_module.parameters()], self.sparse_cb.sparse.step_count,
+                        float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._before is None:
+            return
+        weights, step, grad_norm = self._before
+        delta = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.detach() - w) for p, w in zip(pl_module.parameters(), weights)]))
+        self.rows.append((step, grad_norm, float(delta) / LR))
+        self._before = None
+
+
+@pytest.mark.xfail(strict=True, reason="needs i9-core: masking at backward time, so Lightning's gradient_clip_val "
+                                       "(inside the closure, before the update) sees the masked+preconditioned gradient")
+def test_gradient_clip_val_bounds_the_applied_update(tmp_path):
+    cb = SparseTrainingCallback(**sparse_options())
+    probe = UpdateNorms(cb)
+    trainer = pl.Trainer(callbacks=[cb, probe], max_epochs=1, accumulate_grad_batches=ACCUMULATE, accelerator="cpu",
+                         devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, gradient_clip_val=MAX_NORM)
+    trainer.fit(Classifier(momentum=0.0, scheduler=False), images())
+    checked = 0
+    for step, grad_norm, applied in probe.rows:
+        if cb.sparse.topology.is_update_step(step):
+            continue  # the update step is skipped: nothing is applied
+        assert applied == pytest.approx(min(grad_norm, MAX_NORM), rel=1e-4), step
+        checked += 1
+    assert checked >= 1 and max(g for _, g, _ in probe.rows) > MAX_NORM
+
+
+def test_example_runs(capsys):
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "lightning_trainer.py"), run_name="__main__")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("resumed to step") and "density 0.2" in last
