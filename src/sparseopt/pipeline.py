@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparseopt.bn_scales import BatchNormScales
 from sparseopt.distributions import check_density, layer_nnz
 from sparseopt.graph import batchnorm_after, layers_feeding_batchnorm
 from sparseopt.health import correction_ratio, layer_health
@@ -111,6 +112,8 @@ class SparseTraining:
         self._precondition_names = self._resolve_preconditioner_scope()
         self._bn_names: dict[str, str] | None = None
         self._param_of = {p.name: p.param for p in self.params}
+        self._bn_scales = self._measure_batchnorm_scales()
+        self._scales_stale = False
         self._fold_decay = preconditioner is not None and preconditioner.precondition_weight_decay
         self._folded_decay: list[tuple[dict, float]] = []
         if self._fold_decay:
@@ -185,6 +188,22 @@ class SparseTraining:
         feeders = layers_feeding_batchnorm(self.model, set(module_of.values()), self.preconditioner.example_input)
         return {n for n in names if module_of[n] in feeders}
 
+    def _measure_batchnorm_scales(self) -> BatchNormScales | None:
+        """For SparseOpt(factor_source="batchnorm"): hooks on the BatchNorm after each preconditioned layer."""
+        if self.preconditioner is None or self.preconditioner.factor_source != "batchnorm":
+            return None
+        following = self.following_batchnorms()
+        alone = sorted(n for n in self._precondition_names if n not in following)
+        if alone:
+            warnings.warn(f"SparseOpt(factor_source='batchnorm'): no BatchNorm follows {alone}; these layers keep "
+                          "c = 1 (use scope='bn_followed' to leave them out of SparseOpt)", stacklevel=3)
+        modules = dict(self.model.named_modules())
+        return BatchNormScales({n: modules[following[n]] for n in sorted(self._precondition_names) if n in following},
+                               self.preconditioner.bn_momentum)
+
+    def _sigmas(self) -> dict[str, torch.Tensor] | None:
+        return self._bn_scales.sigmas() if self._bn_scales is not None else None
+
     def _check_decay_to_precondition(self) -> None:
         """precondition_weight_decay acts on coupled decay only: say so where it cannot act."""
         decoupled = decoupled_groups(self.optimizer)
@@ -201,7 +220,7 @@ class SparseTraining:
         """SparseOpt factors per preconditioned layer (empty without a preconditioner)."""
         if self.preconditioner is None or not self._precondition_names:
             return {}
-        return self.preconditioner.factors({n: self.masks[n] for n in self._precondition_names})
+        return self.preconditioner.factors({n: self.masks[n] for n in self._precondition_names}, self._sigmas())
 
     def _refresh_grad_scales(self, changed: set[str] | None = None) -> None:
         """mask * c in the weight's dtype: masking and preconditioning become a single multiply per step.
@@ -211,7 +230,7 @@ class SparseTraining:
             changed = {p.name for p in self.params}
         scoped = {n: self.masks[n] for n in self._precondition_names if n in changed or
                   self.preconditioner.mean_scope == "global"}
-        factors = self.preconditioner.factors(scoped) if scoped else {}
+        factors = self.preconditioner.factors(scoped, self._sigmas()) if scoped else {}
         for p in self.params:
             if p.name not in changed:
                 continue
@@ -239,6 +258,8 @@ class SparseTraining:
     def _before_step(self, optimizer, args, kwargs):
         restore_weight_decay(self._folded_decay)  # a step that raised last time left it switched off
         self._folded_decay = []
+        if self._bn_scales is not None and self._bn_scales.update(self._distributed()):
+            self._scales_stale = True
         if self.topology.is_update_step(self.step_count):
             self._update_masks()
             if self.topology.skip_step_on_update:
@@ -246,6 +267,9 @@ class SparseTraining:
                     for p in group["params"]:
                         p.grad = None
                 return None
+        if self._scales_stale:
+            self._refresh_grad_scales(changed=set(self._bn_scales.batchnorms))
+            self._scales_stale = False
         if self._fold_decay:
             self._folded_decay = fold_coupled_weight_decay_(optimizer)
         reference = self._masked_grad_norm(optimizer) if self.renormalize is not None else None
@@ -411,6 +435,7 @@ class SparseTraining:
             "changed": dict(self.changed),
             "target_nnz": dict(self.target_nnz),
             "active": {n: a.clone() for n, a in self._active.items()},  # their order breaks ties: resume exactly
+            "bn_var": self._bn_scales.state_dict() if self._bn_scales is not None else {},
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -436,6 +461,8 @@ class SparseTraining:
         self.changed = dict(state["changed"])
         self.target_nnz = dict(state["target_nnz"])
         self._reset_active()
+        if self._bn_scales is not None:
+            self._bn_scales.load_state_dict(state.get("bn_var", {}))
         for name, active in state.get("active", {}).items():
             if name in self._active and active.shape == self._active[name].shape:
                 self._active[name] = active.to(self._active[name].device).clone()
@@ -446,6 +473,8 @@ class SparseTraining:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self._bn_scales is not None:
+            self._bn_scales.remove()
 
     def __repr__(self) -> str:
         return (f"SparseTraining({len(self.params)} sparse weights, density={self.density():.4f}, "

@@ -105,7 +105,7 @@ def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
     p = cfg.sparseopt
     preconditioner = so.SparseOpt(normalize=p.normalize, scope=p.scope, regrow_gradient=p.regrow_gradient,
                                   max_factor=p.max_factor, precondition_weight_decay=p.precondition_weight_decay,
-                                  ) if p.enabled else None
+                                  factor_source=p.factor_source, bn_momentum=p.bn_momentum) if p.enabled else None
     return so.SparseTraining(model, optimizer, s.density, distribution=s.distribution,
                              erk_power_scale=s.erk_power_scale, exclude=s.exclude,
                              prune_first_layer=s.prune_first_layer, prune_last_layer=s.prune_last_layer,

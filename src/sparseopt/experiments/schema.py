@@ -62,6 +62,9 @@ class SparseOptConfig:
     max_factor: float | None = option(None, gt=0)
     precondition_weight_decay: bool = option(
         False, help="the factor multiplies coupled weight decay too: -lr*D(grad + wd*W) (SGD; not AdamW's decay)")
+    factor_source: Literal["fan_in", "batchnorm"] = option(
+        "fan_in", help="c_i from fan-in sqrt(k_i/mean k) (papers) or from the following BatchNorm's sigma_i/mean sigma")
+    bn_momentum: float = option(0.1, gt=0, le=1, help="EMA momentum of the measured BatchNorm sigma_i")
     renormalize: Literal["none", "clip", "exact"] = option(
         "none", help="rescale corrected gradients to the uncorrected global norm (paper 001 App. F ablation)")
 

@@ -20,6 +20,7 @@ from sparseopt.masks import fan_in
 SCOPES = ("all", "bn_followed")
 REGROW_GRADIENTS = ("original", "corrected")
 MEAN_SCOPES = ("layer", "global")
+FACTOR_SOURCES = ("fan_in", "batchnorm")
 
 
 class SparseOpt:
@@ -38,6 +39,11 @@ class SparseOpt:
             of ``−η(D∇L + λW)`` (SPEC 1.3), for any optimizer whose decay is coupled (see
             :mod:`sparseopt.optim.decay`). Decoupled decay (AdamW) is a shrink outside the gradient and is left
             as it is (SparseTraining warns). Default False, the papers' PyTorch reading.
+        factor_source: ``"fan_in"`` (the papers: c_i = sqrt(k_i / mean k), BatchNorm's gain predicted at
+            initialisation) or ``"batchnorm"``: c_i = sigma_i / mean_j sigma_j over the layer's live neurons, sigma_i
+            the per-channel standard deviation of the batches the following BatchNorm normalises (an EMA with
+            ``bn_momentum``, read by SparseTraining through forward hooks), so the factor follows the gain BatchNorm
+            actually applies as training changes the weight norms.
     """
 
     def __init__(
@@ -49,13 +55,21 @@ class SparseOpt:
         mean_scope: str = "layer",
         example_input=None,
         precondition_weight_decay: bool = False,
+        factor_source: str = "fan_in",
+        bn_momentum: float = 0.1,
     ) -> None:
         for value, allowed, what in ((scope, SCOPES, "scope"), (regrow_gradient, REGROW_GRADIENTS, "regrow_gradient"),
-                                     (mean_scope, MEAN_SCOPES, "mean_scope")):
+                                     (mean_scope, MEAN_SCOPES, "mean_scope"),
+                                     (factor_source, FACTOR_SOURCES, "factor_source")):
             if value not in allowed:
                 raise ValueError(f"unknown SparseOpt {what} {value!r}; choose one of {allowed}")
         if max_factor is not None and max_factor <= 0:
             raise ValueError(f"max_factor must be positive or None, got {max_factor}")
+        if factor_source == "batchnorm" and (not normalize or mean_scope != "layer"):
+            raise ValueError("SparseOpt(factor_source='batchnorm') divides sigma_i by its layer mean; it has no "
+                             "normalize=False or mean_scope='global' form: keep normalize=True, mean_scope='layer'")
+        if not 0 < bn_momentum <= 1:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
         self.normalize = normalize
         self.scope = scope
         self.regrow_gradient = regrow_gradient
@@ -63,14 +77,22 @@ class SparseOpt:
         self.mean_scope = mean_scope
         self.example_input = example_input
         self.precondition_weight_decay = bool(precondition_weight_decay)
+        self.factor_source = factor_source
+        self.bn_momentum = bn_momentum
 
     def __repr__(self) -> str:
         return (f"SparseOpt(normalize={self.normalize}, scope={self.scope!r}, regrow_gradient={self.regrow_gradient!r}, "
                 f"max_factor={self.max_factor}, mean_scope={self.mean_scope!r}, "
-                f"precondition_weight_decay={self.precondition_weight_decay})")
+                f"precondition_weight_decay={self.precondition_weight_decay}, factor_source={self.factor_source!r})")
 
-    def factors(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-neuron factors c, shaped ``(out, 1, ..., 1)`` to broadcast over each mask in ``masks``."""
+    def factors(self, masks: Mapping[str, torch.Tensor],
+                sigmas: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per-neuron factors c, shaped ``(out, 1, ..., 1)`` to broadcast over each mask in ``masks``.
+
+        ``sigmas`` (``factor_source="batchnorm"``): per-channel sigma of the BatchNorm each layer feeds; a layer
+        without one (none follows it, or no batch has been seen yet) gets c = 1 on its live neurons."""
+        if self.factor_source == "batchnorm":
+            return {n: self._sigma_factor(m, (sigmas or {}).get(n)) for n, m in masks.items()}
         fans = {name: fan_in(m).to(torch.float64) for name, m in masks.items()}
         capacity = {name: m[0].numel() for name, m in masks.items()}
         if self.mean_scope == "global":
@@ -88,3 +110,15 @@ class SparseOpt:
                 c = c.clamp(max=self.max_factor)
             out[name] = c.view(-1, *([1] * (mask.dim() - 1)))
         return out
+
+    def _sigma_factor(self, mask: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
+        live = fan_in(mask) > 0
+        if sigma is None:
+            c = live.to(torch.float64)
+        else:
+            s = sigma.to(device=live.device, dtype=torch.float64) * live
+            mean = s[live].mean() if live.any() else s.new_tensor(0.0)
+            c = s / mean if mean > 0 else torch.zeros_like(s)
+        if self.max_factor is not None:
+            c = c.clamp(max=self.max_factor)
+        return c.view(-1, *([1] * (mask.dim() - 1)))
