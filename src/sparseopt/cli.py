@@ -273,7 +273,8 @@ def _cmd_diagnose(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 bad input (one ``error:`` line per problem), 130 interrupted, 1 a bug."""
+    """Exit status: 0 done, 2 bad input (one ``error:`` line per problem), 130 after Ctrl-C, 143 after SIGTERM,
+    1 a bug."""
     args = _parser().parse_args(argv)
     commands = {"train": _cmd_train, "report": _cmd_report, "demo": _cmd_demo, "diagnose": _cmd_diagnose,
                 "reproduce": _cmd_reproduce, "config": _cmd_config, "sweep": _cmd_sweep}
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(err, Interrupted):
             print(str(err), file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return err.exit_code  # 130 after Ctrl-C, 143 after SIGTERM
         if args.debug:
             raise
         first = (str(err).strip().splitlines() or [""])[0]

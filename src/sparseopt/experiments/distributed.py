@@ -1,8 +1,9 @@
 """Multi-process data-parallel training under ``torchrun`` (PyTorch DDP), invisible when there is one process.
 
 Every rank builds the same experiment from the same seed; each loads and trains on its slice ``batch[rank::world]``
-of the global batch (the loader is sharded; ``data.batch_size`` stays the global size); rank 0 alone writes logs,
-checkpoints and results.
+of the global batch (the loader is sharded; ``data.batch_size`` stays the global size) and evaluates its slice of
+every test batch (the counts are all-reduced); rank 0 alone writes logs, checkpoints and results. Collectives
+outside DDP's gradient all-reduce happen only at logging, evaluation and checkpoint steps.
 Mask updates stay identical across ranks because DDP averages gradients and SparseTraining broadcasts masks.
 """
 
@@ -44,15 +45,38 @@ def init_from_env() -> DistInfo:
     return info
 
 
-def any_rank(info: DistInfo, *flags: bool) -> list[bool]:
-    """Element-wise OR of flags over ranks, so every rank stops at the same step."""
+def max_over_ranks(info: DistInfo, *values: float) -> list[float]:
+    """Element-wise maximum of numbers over ranks: one small all-reduce (none for a single process)."""
     if not info.enabled:
-        return list(flags)
-    t = torch.tensor([float(f) for f in flags])
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return t.tolist()
+
+
+def any_rank(info: DistInfo, *flags: bool) -> list[bool]:
+    """Element-wise OR of flags over ranks, so every rank stops at the same step."""
+    return [v > 0 for v in max_over_ranks(info, *flags)]
+
+
+def broadcast_buffers(info: DistInfo, module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics): each rank updated its own copy in its last
+    forward, so without this the ranks would evaluate slightly different models."""
+    if info.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def sum_over_ranks(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of ``tensor`` over ranks (itself for one process), on the tensor's own device."""
+    if not info.enabled:
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = tensor.to(device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(tensor.device)
 
 
 def barrier(info: DistInfo) -> None:

@@ -5,6 +5,9 @@ Output folder layout (all written atomically or append-only):
     metrics.jsonl    one JSON object per logged step (metrics.csv too, and tensorboard/)
     checkpoints/     ckpt-<step>.pt (last K) and best.pt: everything needed for a bit-identical resume
     results.json     final and best metrics, sparsity report, wall time (keys documented in docs/cli.md)
+
+The per-step path never waits for the device: metrics accumulate on it and are read at logging steps, where the
+divergence check and (under torchrun) the agreement to stop also happen (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -12,9 +15,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,11 +25,16 @@ from sparseopt.experiments.build import Experiment, build_callbacks, build_exper
 from sparseopt.experiments.callbacks import Callback, StepContext
 from sparseopt.experiments.checkpoint import CheckpointManager, atomic_write
 from sparseopt.experiments.configio import dump_yaml, to_dict
-from sparseopt.experiments.distributed import any_rank, barrier, init_from_env
+from sparseopt.experiments.distributed import barrier, broadcast_buffers, init_from_env, max_over_ranks
 from sparseopt.experiments.errors import UserError
+from sparseopt.experiments.evaluation import evaluate
+from sparseopt.experiments.precision import MixedPrecision
 from sparseopt.experiments.preflight import check_output_folder
 from sparseopt.experiments.runlog import RunLogger, progress
 from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.stopping import Interrupted, StopRequest, stop_on_signals
+
+__all__ = ["Interrupted", "Runner", "TrainingDiverged", "evaluate", "train"]
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "results.json")
 
@@ -57,53 +63,27 @@ def clear_out_dir(out: Path) -> None:
             target.unlink()
 
 
-@contextmanager
-def stop_on_interrupt():
-    """First Ctrl-C asks the loop to stop after the current step (it then checkpoints); a second one aborts."""
-    flag = {"stop": False}
-
-    def handler(signum, frame):
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: no signal handling, run normally
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def gradient_norm(model: nn.Module) -> torch.Tensor | None:
+    """Global gradient norm, left on the device (read at the logging step with the other metrics)."""
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
 
 
-class Interrupted(Exception):
-    """Raised after a Ctrl-C once the checkpoint is on disk."""
+class WindowMeter:
+    """Loss sum, correct predictions and examples since the last log, accumulated on the device: the training
+    step never waits for the device; the host reads the window once, at the logging step.
 
-    def __init__(self, checkpoint: Path) -> None:
-        super().__init__(f"interrupted; checkpoint written to {checkpoint}; continue with --resume")
-        self.checkpoint = checkpoint
+    The loss sum doubles as the divergence flag: it is finite unless some step's loss was NaN or infinite."""
 
+    def __init__(self, device: torch.device, first_step: int) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.count, self.first_step = 0, first_step
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        count += len(y)
-    model.train(was_training)
-    return {"loss": loss_sum / count, "accuracy": correct / count}
-
-
-def gradient_norm(model: nn.Module) -> float:
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        self.loss_sum.add_(loss.float(), alpha=n)
+        self.correct.add_(correct)
+        self.count += n
 
 
 class _NoLogger:
@@ -128,16 +108,20 @@ class Runner:
         self.callbacks = list(callbacks) if callbacks else build_callbacks(cfg)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.benchmark = not cfg.train.deterministic  # autotuned conv kernels, unless exactness
         self.dist = init_from_env()
         check_output_folder(self.out)                     # the cheap checks first: nothing built yet
         check_out_dir(self.out, overwrite=overwrite, resume=resume)
         self.exp: Experiment = build_experiment(cfg)      # all validation happens before the folder is touched
+        self.amp = MixedPrecision(cfg.train.precision, self.exp.device)
         self.net = self.exp.model
         if self.dist.enabled:
             self.exp.data.train.shard(self.dist.rank, self.dist.world)
+            self.exp.data.test.shard(self.dist.rank, self.dist.world)
             ids = [torch.cuda.current_device()] if self.exp.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.exp.model, device_ids=ids)
+        if cfg.train.compile:  # the forward only; SparseTraining's hooks run eagerly around optimizer.step()
+            self.net = torch.compile(self.net)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not resume:
@@ -157,6 +141,8 @@ class Runner:
         return {"model": e.model.state_dict(), "optimizer": e.optimizer.state_dict(),
                 "scheduler": e.scheduler.state_dict(), "sparse": e.sparse.state_dict() if e.sparse else None,
                 "loader": e.data.train.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if e.device.type == "cuda" else None,
+                "grad_scaler": self.amp.state_dict(),
                 "step": self.step, "elapsed": self.elapsed, "best": dict(self.best),
                 "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
 
@@ -187,6 +173,9 @@ class Runner:
         for c in self.callbacks:
             c.load_state_dict(state.get("callbacks", {}).get(c.name, {}))
         torch.set_rng_state(state["rng"].cpu())
+        if state.get("cuda_rng") is not None and e.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
+        self.amp.load_state_dict(state.get("grad_scaler"))
         self.step, self.elapsed, self.best = int(state["step"]), float(state["elapsed"]), dict(state["best"])
 
     # ---- the loop ---------------------------------------------------------------------------------------------
@@ -194,48 +183,72 @@ class Runner:
         every = self.cfg.train.eval_every or len(self.exp.data.train)
         return self.step % every == 0 or self.step == self.exp.total_steps
 
-    def _train_metrics(self, loss_sum: float, correct: int, count: int, grad_norm: float) -> dict[str, float]:
+    def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the device in the layout the step wants (NHWC images with ``train.channels_last``)."""
+        device = self.exp.device
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if self.cfg.train.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def _check_finite(self, meter: WindowMeter, stop: StopRequest | None = None) -> int:
+        """Host sync point (logging and checkpoint steps only): raise if any rank saw a NaN/inf loss since the
+        last log, so no diverged state is ever checkpointed; returns the stop signal agreed over ranks (0: none)."""
+        bad = not math.isfinite(meter.loss_sum.item())
+        bad, signum = max_over_ranks(self.dist, bad, (stop.signum or 0) if stop is not None else 0)
+        if bad:
+            value = meter.loss_sum.item()
+            what = "nan" if math.isnan(value) else "inf" if math.isinf(value) else "nan/inf on another rank"
+            raise TrainingDiverged(
+                f"loss became {what} between steps "
+                f"{meter.first_step + 1} and {self.step}; the last good checkpoint "
+                f"({self.ckpt.latest() or 'none yet'}) is intact. Lower optim.lr, add warmup "
+                "(optim.warmup_epochs) or check the data")
+        return int(signum)
+
+    def _train_metrics(self, meter: WindowMeter, grad_norm: torch.Tensor | None) -> dict[str, float]:
         e = self.exp
-        metrics = {"loss": loss_sum / count, "accuracy": correct / count, "lr": e.optimizer.param_groups[0]["lr"],
-                   "grad_norm": grad_norm, "epoch": self.step / len(e.data.train), "wall_time": self.elapsed}
+        norm = grad_norm if grad_norm is not None else torch.zeros((), device=e.device)
+        loss_sum, correct, grad = torch.stack([meter.loss_sum, meter.correct.float(), norm.float()]).tolist()
+        metrics = {"loss": loss_sum / meter.count, "accuracy": correct / meter.count,
+                   "lr": e.optimizer.param_groups[0]["lr"], "grad_norm": grad,
+                   "epoch": self.step / len(e.data.train), "wall_time": self.elapsed}
         if e.sparse is not None:
             metrics["itop"] = e.sparse.itop()
             metrics["density"] = e.sparse.density()
         return metrics
 
-    def _evaluate(self, logger: RunLogger) -> float | None:
+    def _evaluate(self, logger: RunLogger, meter: WindowMeter) -> float:
         e = self.exp
-        if not self.dist.is_main:
-            self._save()  # joins rank 0's barrier
-            return None
-        metrics = evaluate(e.model, e.data.test, e.device)
-        if e.sparse is not None:
-            metrics.update({f"density/{r.name}": r.density for r in e.sparse.report().layers})
-        logger.log(self.step, metrics, split="test")
-        self.last_eval = (self.step, metrics)
+        self._check_finite(meter)
+        broadcast_buffers(self.dist, e.model)
+        metrics = evaluate(e.model, e.data.test, e.device, dist=self.dist, prepare=self._prepare,
+                           autocast=self.amp.autocast)
+        self.last_eval = (self.step, dict(metrics))
         if metrics["accuracy"] > self.best["accuracy"]:
             self.best = {"accuracy": metrics["accuracy"], "step": self.step}
+        if self.dist.is_main:
+            if e.sparse is not None:
+                metrics.update({f"density/{r.name}": r.density for r in e.sparse.report().layers})
+            logger.log(self.step, metrics, split="test")
         self._save(metrics["accuracy"])
         return metrics["accuracy"]
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor, log_now: bool) -> tuple[float, int, float]:
-        """One optimizer step; returns (loss, correct predictions, gradient norm if ``log_now`` else 0)."""
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor,
+                    log_now: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One optimizer step; returns device tensors (loss, correct predictions, gradient norm if ``log_now``),
+        so nothing here waits for the device."""
         e = self.exp
-        x, y = x.to(e.device, non_blocking=True), y.to(e.device, non_blocking=True)
-        logits = self.net(x)
-        loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.cfg.optim.label_smoothing)
-        value = loss.item()
-        if any_rank(self.dist, not math.isfinite(value))[0]:
-            raise TrainingDiverged(
-                f"loss became {value} at step {self.step}; the last good checkpoint "
-                f"({self.ckpt.latest() or 'none yet'}) is intact. Lower optim.lr, add warmup "
-                "(optim.warmup_epochs) or check the data")
+        x, y = self._prepare(x, y)
+        with self.amp.autocast():
+            logits = self.net(x)
+            loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.cfg.optim.label_smoothing)
         e.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = gradient_norm(e.model) if log_now else 0.0
-        e.optimizer.step()
+        self.amp.backward(loss, e.optimizer)
+        grad_norm = gradient_norm(e.model) if log_now else None
+        self.amp.step(e.optimizer)
         e.scheduler.step()
-        return value, int((logits.argmax(1) == y).sum()), grad_norm
+        return loss.detach(), (logits.argmax(1) == y).sum(), grad_norm
 
     def _run_callbacks(self, logger: RunLogger) -> None:
         if not self.dist.is_main:
@@ -257,11 +270,10 @@ class Runner:
         logger = RunLogger(self.out, formats=cfg.logging.formats, tensorboard=cfg.logging.tensorboard,
                            resume_step=self.step if self.resume else None) if self.dist.is_main else _NoLogger()
         e.model.train()
-        window = [0.0, 0, 0]  # loss sum, correct, count since the last log
+        meter = WindowMeter(e.device, self.step)
         test_acc = None
         try:
-            with stop_on_interrupt() as interrupt, progress(total=e.total_steps, desc=cfg.name,
-                                                             quiet=self.quiet) as bar:
+            with stop_on_signals() as stop, progress(total=e.total_steps, desc=cfg.name, quiet=self.quiet) as bar:
                 bar.update(self.step)
                 while self.step < e.total_steps:
                     for x, y in e.data.train:
@@ -269,35 +281,43 @@ class Runner:
                         log_now = (self.step + 1) % cfg.train.log_every == 0
                         loss, correct, grad_norm = self._train_step(x, y, log_now)
                         self.step += 1
-                        window[0] += loss * len(y)
-                        window[1] += correct
-                        window[2] += len(y)
+                        meter.add(loss, correct, len(y))
                         self.elapsed += time.perf_counter() - tic
-                        if log_now:
-                            logger.log(self.step, self._train_metrics(*window, grad_norm), split="train")
-                            bar.set_postfix(loss=f"{window[0] / window[2]:.3f}",
+                        signum = 0
+                        if log_now:  # the one host sync of a logging interval
+                            signum = self._check_finite(meter, stop)
+                            metrics = self._train_metrics(meter, grad_norm)
+                            logger.log(self.step, metrics, split="train")
+                            bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                                             acc=f"{test_acc:.3f}" if test_acc is not None else "-")
-                            window = [0.0, 0, 0]
+                            meter = WindowMeter(e.device, self.step)
                         self._run_callbacks(logger)
                         if self._eval_due():
-                            test_acc = self._evaluate(logger)
+                            test_acc = self._evaluate(logger, meter)
                         bar.update(1)
-                        if any_rank(self.dist, interrupt["stop"])[0]:
-                            raise Interrupted(self._save())
+                        if not self.dist.enabled:  # one process: act on a signal after the step it arrived in
+                            signum = stop.signum or 0
+                        if signum:
+                            self._check_finite(meter)
+                            raise Interrupted(self._save(), signum)
                         if self.step >= e.total_steps:
                             break
         finally:
             logger.close()
+        self._check_finite(meter)
         return self._finish()
 
     def _finish(self) -> dict:
         e = self.exp
-        if not self.dist.is_main:
-            return {}
         if self.last_eval is not None and self.last_eval[0] == self.step:
             final = self.last_eval[1]
         else:
-            final = evaluate(e.model, e.data.test, e.device)
+            broadcast_buffers(self.dist, e.model)
+            final = evaluate(e.model, e.data.test, e.device, dist=self.dist, prepare=self._prepare,
+                             autocast=self.amp.autocast)
+        if not self.dist.is_main:
+            barrier(self.dist)  # leave once rank 0 has written the results
+            return {}
         report = e.sparse.report() if e.sparse is not None else None
         results = {
             "name": self.cfg.name, "seed": self.cfg.train.seed, "steps": self.step, "wall_time": self.elapsed,
@@ -311,6 +331,7 @@ class Runner:
         if report is not None:
             with atomic_write(self.out / "sparsity.txt") as f:
                 f.write(str(report) + "\n")
+        barrier(self.dist)
         return results
 
 

@@ -96,6 +96,10 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = option(False, help="deterministic kernels (slower on GPU)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", help="autocast dtype of the forward pass; fp16 adds a GradScaler, bf16 needs none")
+    channels_last: bool = option(False, help="NHWC image batches (faster convolutions on GPUs with AMP)")
+    compile: bool = option(False, help="torch.compile the model's forward (first steps slower: compilation)")
 
 
 @dataclass

@@ -105,7 +105,8 @@ class SparseOpt:
         out = {}
         for name, mask in masks.items():
             denom = denominators[name]
-            c = torch.sqrt(fans[name] / denom) if denom > 0 else torch.zeros_like(fans[name])
+            # denom is 0 only when every fan-in is 0 (0/0 = nan -> 0); no `if denom > 0`: no host sync
+            c = torch.sqrt(fans[name] / denom).nan_to_num_(0.0)
             if self.max_factor is not None:
                 c = c.clamp(max=self.max_factor)
             out[name] = c.view(-1, *([1] * (mask.dim() - 1)))
