@@ -22,6 +22,7 @@ from torch import nn
 
 from sparseopt.bn_scales import BatchNormScales
 from sparseopt.distributions import check_density, layer_nnz
+from sparseopt.execution.training import ExecutionPolicy, SparseExecution
 from sparseopt.graph import batchnorm_after, layers_feeding_batchnorm
 from sparseopt.health import correction_ratio, layer_health
 from sparseopt.init import sparse_init_
@@ -57,6 +58,12 @@ class SparseTraining:
         renormalize: ``None`` (default), ``"clip"`` or ``"exact"``: after the SparseOpt multiply, rescale all the
             optimizer's gradients by ``min(1, τ/‖g̃‖)`` or ``τ/‖g̃‖``, τ being the global norm of the masked but
             uncorrected gradients (SPEC 1.6, an ablation isolating SparseOpt's change of direction).
+        sparse_execution: ``True`` (or an :class:`~sparseopt.execution.training.ExecutionPolicy`) runs sparse
+            ``nn.Linear`` layers with CSR kernels: forward, input gradient and an active-entries-only weight gradient;
+            the dense weight gradient only on steps where the topology reads it. Layers below the measured
+            break-even stay masked-dense (a warning names them; ``report()`` says which run sparse). The weights
+            stay dense parameters, so results equal the masked-dense path up to float rounding, but ``.grad`` is
+            zero at inactive entries except on mask-update steps.
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class SparseTraining:
         init_gain: float = 2.0,
         seed: int = 0,
         renormalize: str | None = None,
+        sparse_execution: bool | ExecutionPolicy = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -131,6 +139,10 @@ class SparseTraining:
                 for value in optimizer.state.get(p.param, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == p.shape:
                         value.mul_(self.masks[p.name])
+        self.execution = None
+        if sparse_execution:
+            policy = sparse_execution if isinstance(sparse_execution, ExecutionPolicy) else ExecutionPolicy()
+            self.execution = SparseExecution(self.params, self.masks, policy, self._dense_grad_needed)
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
 
@@ -253,6 +265,10 @@ class SparseTraining:
                 dist.broadcast(buf, src=0)
                 m.copy_(buf.bool())
 
+    def _dense_grad_needed(self) -> bool:
+        """Whether the coming optimizer step reads dense weight gradients (a mask update that scores them)."""
+        return self.topology.needs_gradient and self.topology.is_update_step(self.step_count)
+
     # ---- the per-step pipeline ----------------------------------------------------------------------------
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs):
@@ -334,6 +350,8 @@ class SparseTraining:
                 self._grad_scale[name].view(-1).index_fill_(0, change.removed, 0).index_fill_(0, change.added, 1)
         else:
             self._refresh_grad_scales(changed=set(changes))
+        if self.execution is not None:
+            self.execution.rebuild(self.masks, set(changes))
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:
         """One reusable buffer for grow scores (a fresh 100 MB tensor per layer would page-fault every update)."""
@@ -422,7 +440,9 @@ class SparseTraining:
                 density=int(mask.sum()) / numel, itop=int(self.fired[p.name].sum()) / numel,
                 changed=self.changed[p.name], zero_fanin=health["dead"], norm_max=health["norm_max"],
                 norm_max_over_median=health["norm_max_over_median"], batchnorm=bn,
-                sigma_slope=health["sigma_slope"], gamma_slope=health["gamma_slope"]))
+                sigma_slope=health["sigma_slope"], gamma_slope=health["gamma_slope"],
+                execution="sparse" if self.execution is not None and self.execution.runs_sparse(p.name)
+                else "masked"))
         return SparsityReport(step=self.step_count, layers=rows, correction_ratio=self.correction_ratio())
 
     def state_dict(self) -> dict:
@@ -467,14 +487,18 @@ class SparseTraining:
             if name in self._active and active.shape == self._active[name].shape:
                 self._active[name] = active.to(self._active[name].device).clone()
         self._refresh_grad_scales()
+        if self.execution is not None:
+            self.execution.rebuild(self.masks)
 
     def remove(self) -> None:
-        """Detach from the optimizer: later steps are plain dense steps."""
+        """Detach from the optimizer (and restore the layers' own forward): later steps are plain dense steps."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         if self._bn_scales is not None:
             self._bn_scales.remove()
+        if self.execution is not None:
+            self.execution.remove()
 
     def __repr__(self) -> str:
         return (f"SparseTraining({len(self.params)} sparse weights, density={self.density():.4f}, "

@@ -20,6 +20,7 @@ class LayerReport:
     batchnorm: str | None = None                # the BatchNorm module this layer feeds, if any
     sigma_slope: float | None = None            # log-log slope of that BatchNorm's sigma_i against fan-in k_i
     gamma_slope: float | None = None            # ... of |gamma_i| against k_i
+    execution: str = "masked"  # "sparse": CSR kernels (SparseTraining(sparse_execution=True)); "masked": dense ones
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,13 @@ class SparsityReport:
 
     def __str__(self) -> str:
         head = ("layer", "shape", "target", "density", "ITOP", "changed", "dead units", "max ||w_i||", "max/median",
-                "BN sigma~k slope")
+                "BN sigma~k slope", "execution")
         rows = [(r.name, "x".join(map(str, r.shape)), f"{r.target_density:.4f}", f"{r.density:.4f}", f"{r.itop:.4f}",
                  str(r.changed), str(r.zero_fanin), f"{r.norm_max:.3g}", _opt(r.norm_max_over_median, ".3g"),
-                 _opt(r.sigma_slope, "+.3f")) for r in self.layers]
+                 _opt(r.sigma_slope, "+.3f"), r.execution) for r in self.layers]
         rows.append(("total", f"{self.numel} weights", f"{self.target_density:.4f}", f"{self.density:.4f}",
-                     f"{self.itop:.4f}", str(self.changed), str(sum(r.zero_fanin for r in self.layers)), "", "", ""))
+                     f"{self.itop:.4f}", str(self.changed), str(sum(r.zero_fanin for r in self.layers)), "", "", "",
+                     f"{sum(r.execution == 'sparse' for r in self.layers)} sparse"))
         widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
         fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         rule = "-" * len(fmt(head))

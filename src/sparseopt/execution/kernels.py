@@ -16,6 +16,13 @@ BLOCK = 64
 
 
 
+def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` without the beta warning (see :func:`to_csr`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
 def to_csr(dense: torch.Tensor) -> torch.Tensor:
     """``dense.to_sparse_csr()`` without torch's "CSR support is in beta" warning (it is the API we build on)."""
     with warnings.catch_warnings():

@@ -1,0 +1,143 @@
+"""Sparse execution of Linear layers: per layer (forward + input gradient + weight gradient) and end to end.
+
+Per layer: ``F.linear`` on a masked dense weight (what masked-dense training runs) vs sparseopt's CSR autograd
+function (CSR forward, CSR input gradient, SDDMM weight gradient on the active entries), one timed call =
+forward + backward with random output gradients; shapes 1024x1024, 4096x4096, 16384x4096 (out x in), densities
+0.3/0.2/0.1/0.05/0.02, batch 1/64/256.
+
+End to end: the BatchNorm MLP 4096-4096-4096-10 (Linear without bias, BatchNorm1d, ReLU), all Linear weights sparse
+(``prune_first_layer=True``, uniform density 0.05), batch 256, SGD(lr=0.1, momentum=0.9, weight_decay=5e-4),
+RigL(update_every=100)+SparseOpt; one timed step = ``zero_grad; CE(model(x), y).backward(); step``, non-update
+steps (step counter reset to 1 before each). Contenders: ``dense`` (no SparseTraining), ``masked`` (SparseTraining,
+masked-dense), ``sparse`` (``sparse_execution=True``; the 4096x10 head has 40,960 < 65,536 weights and stays
+masked-dense, as the warning says).
+
+Interleaved repetitions, medians and paired ratios (benchmarks/common.py).
+Run:  .venv/bin/python benchmarks/bench_sparse_linear.py [--reps 5] [--threads 1] [--only layer|e2e]
+Result: benchmarks/results/sparse_linear_t<threads>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Contender, format_table, setup_torch, summarize, time_interleaved, write_json  # noqa: E402
+
+import sparseopt as so  # noqa: E402
+from sparseopt.execution.training import SparseLinearLayout, _SparseLinearFunction  # noqa: E402
+
+SHAPES = [(1024, 1024), (4096, 4096), (16384, 4096)]
+DENSITIES = [0.3, 0.2, 0.1, 0.05, 0.02]
+BATCHES = [1, 64, 256]
+
+
+def layer_rows(reps: int) -> list[dict]:
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for (o, i) in SHAPES:
+        for d in DENSITIES:
+            mask = torch.rand(o, i, generator=g) < d
+            w = (torch.randn(o, i, generator=g) * mask).requires_grad_()
+            layout = SparseLinearLayout(nn.Linear(i, o, bias=False), mask)
+            for b in BATCHES:
+                x = torch.randn(b, i, generator=g).requires_grad_()
+                gy = torch.randn(b, o, generator=g)
+
+                def dense(x=x, gy=gy):
+                    F.linear(x, w).backward(gy)
+                    w.grad = x.grad = None
+
+                def sparse(x=x, gy=gy, layout=layout):
+                    _SparseLinearFunction.apply(x, w, None, layout, False).backward(gy)
+                    w.grad = x.grad = None
+                r = reps * (4 if b == 1 else 1)
+                times = time_interleaved([Contender("dense", dense), Contender("sparse", sparse)], reps=r,
+                                         warmup=1, progress=False)
+                rows = summarize(times, "dense")
+                s = rows[1]
+                out.append({"out": o, "in": i, "density": d, "batch": b, "dense_ms": rows[0]["median_s"] * 1e3,
+                            "sparse_ms": s["median_s"] * 1e3, "speedup": 1 / s["ratio_of_medians"],
+                            "paired_speedup": 1 / s["median_paired_ratio"]})
+                print(f"{o:>5}x{i:<5} density {d:<5} batch {b:>3}: dense {out[-1]['dense_ms']:9.3f} ms  sparse "
+                      f"{out[-1]['sparse_ms']:9.3f} ms  speedup {out[-1]['speedup']:5.2f}x "
+                      f"(paired {out[-1]['paired_speedup']:5.2f}x)", flush=True)
+    return out
+
+
+class Trainer:
+    def __init__(self, model, mode, x, y):
+        self.model, self.x, self.y = model, x, y
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        self.st = None
+        if mode != "dense":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.st = so.SparseTraining(model, self.opt, density=0.05, distribution="uniform",
+                                            prune_first_layer=True, preconditioner=so.SparseOpt(),
+                                            topology=so.RigL(update_every=100, end_step=10**6),
+                                            sparse_execution=mode == "sparse")
+            for w in caught:
+                print(f"  [{mode}] warning: {w.message}")
+        model.train()
+
+    def prepare(self):
+        if self.st is not None:
+            self.st.step_count = 1
+
+    def run(self):
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()
+
+
+def bn_mlp(widths=(4096, 4096, 4096, 10)):
+    layers = []
+    for k, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b, bias=False))
+        if k < len(widths) - 2:
+            layers += [nn.BatchNorm1d(b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def e2e_rows(reps: int) -> list[dict]:
+    torch.manual_seed(0)
+    base = bn_mlp()
+    x, y = torch.randn(256, 4096), torch.randint(0, 10, (256,))
+    trainers = {m: Trainer(copy.deepcopy(base), m, x, y) for m in ("dense", "masked", "sparse")}
+    print("  execution per layer:", [(r.name, r.execution) for r in trainers["sparse"].st.report().layers])
+    times = time_interleaved([Contender(m, t.run, t.prepare) for m, t in trainers.items()], reps=reps, warmup=2,
+                             progress=False)
+    rows = summarize(times, "dense")
+    print("\nEnd to end, BN MLP 4096-4096-4096-10, density 0.05, batch 256 (ms per training step)")
+    print(format_table(rows, "dense", unit="ms", scale=1e3))
+    return rows
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", choices=["layer", "e2e"])
+    args = ap.parse_args(argv)
+    setup_torch(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.reps} reps")
+    payload = {"threads": args.threads, "reps": args.reps}
+    if args.only != "e2e":
+        payload["layers"] = layer_rows(args.reps)
+    if args.only != "layer":
+        payload["end_to_end"] = e2e_rows(args.reps * 3)
+    print(f"\nwrote {write_json(f'sparse_linear_t{args.threads}', payload)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

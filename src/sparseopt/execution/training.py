@@ -1,0 +1,161 @@
+"""Sparse execution of masked ``nn.Linear`` layers during training: CSR forward, CSR input gradient, SDDMM weight
+gradient on the active entries only, and the dense weight gradient only on the steps where a topology needs it.
+
+The weight stays a dense ``nn.Parameter`` held by the user's optimizer (zero at inactive entries, as on the
+masked-dense path), so every optimizer, the pipeline's masking and SparseOpt scaling, checkpoints and resume work
+unchanged; only the three products change, and the trajectory equals the masked-dense one up to float rounding.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparseopt.execution.kernels import csr_matmul_t, csr_tensor, sddmm
+
+#: Measured break-even (benchmarks/README, bench_sparse_linear.py): above this density dense kernels win.
+SPARSE_MAX_DENSITY = 0.2
+#: Below this many weights per layer the sparse kernels' fixed costs win over their savings.
+SPARSE_MIN_NUMEL = 1 << 16
+
+
+@dataclass(frozen=True)
+class ExecutionPolicy:
+    """Which sparse Linear layers run sparse kernels: density at most ``max_density`` and at least ``min_numel``
+    weights (the measured break-even); the others stay on the masked-dense path, named in a warning."""
+
+    max_density: float = SPARSE_MAX_DENSITY
+    min_numel: int = SPARSE_MIN_NUMEL
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.max_density <= 1.0:
+            raise ValueError(f"sparse_execution max_density must be in (0, 1], got {self.max_density!r}")
+        if self.min_numel < 0:
+            raise ValueError(f"sparse_execution min_numel must be >= 0, got {self.min_numel!r}")
+
+
+class SparseLinearLayout:
+    """The CSR structure of one layer's mask (rebuilt only when the mask changes) and its per-step values."""
+
+    def __init__(self, module: nn.Linear, mask: torch.Tensor) -> None:
+        self.module = module
+        self.out_features, self.in_features = module.out_features, module.in_features
+        self.rebuild(mask)
+
+    def rebuild(self, mask: torch.Tensor) -> None:
+        flat = mask.reshape(-1).nonzero().squeeze(1)           # row-major: the CSR value order
+        rows, cols = flat // self.in_features, flat % self.in_features
+        self.flat = flat
+        self.crow = _crow(rows, self.out_features)
+        self.col = cols
+        order = torch.sort(cols * self.out_features + rows).indices   # the same entries in W^T's row-major order
+        self.t_order = order
+        self.t_crow = _crow(cols[order], self.in_features)
+        self.t_col = rows[order]
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        return csr_tensor(self.crow, self.col, values, (self.out_features, self.in_features))
+
+    def csr_t(self, values: torch.Tensor) -> torch.Tensor:
+        return csr_tensor(self.t_crow, self.t_col, values.index_select(0, self.t_order),
+                                       (self.in_features, self.out_features))
+
+
+def _crow(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    counts = torch.bincount(rows, minlength=n_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layout: SparseLinearLayout, dense_grad: bool):
+        x2 = x.reshape(-1, layout.in_features)
+        values = weight.detach().reshape(-1).index_select(0, layout.flat)
+        y = csr_matmul_t(layout.csr(values), x2)
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(x2, values)
+        ctx.layout, ctx.dense_grad, ctx.x_shape = layout, dense_grad, x.shape
+        return y.view(*x.shape[:-1], layout.out_features)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, values = ctx.saved_tensors
+        layout = ctx.layout
+        dy2 = dy.reshape(-1, layout.out_features)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = csr_matmul_t(layout.csr_t(values), dy2).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            if ctx.dense_grad:
+                dw = dy2.t() @ x2
+            else:
+                dw = x2.new_zeros(layout.out_features * layout.in_features)
+                dw.index_copy_(0, layout.flat, sddmm(layout.csr(values), dy2, x2))
+                dw = dw.view(layout.out_features, layout.in_features)
+        if ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db, None, None
+
+
+class SparseExecution:
+    """Runs the chosen layers of a :class:`~sparseopt.SparseTraining` with sparse kernels (``sparse_execution=``).
+
+    ``dense_grad_needed()`` is asked at every forward: True on the steps where the topology reads the dense
+    gradient (RigL's mask updates), when the layer computes the full ``dy.T @ x`` instead of the SDDMM."""
+
+    def __init__(self, params, masks: dict[str, torch.Tensor], policy: ExecutionPolicy,
+                 dense_grad_needed: Callable[[], bool]) -> None:
+        self.policy = policy
+        self.dense_grad_needed = dense_grad_needed
+        self.layouts: dict[str, SparseLinearLayout] = {}
+        self.fallback: dict[str, str] = {}
+        for p in params:
+            reason = self._ineligible(p, masks[p.name])
+            if reason:
+                self.fallback[p.name] = reason
+                continue
+            self.layouts[p.name] = SparseLinearLayout(p.module, masks[p.name])
+            p.module.forward = types.MethodType(_sparse_forward(self, self.layouts[p.name]), p.module)
+        if self.fallback:
+            warnings.warn("sparse_execution: these sparse layers stay on the masked-dense path: "
+                          + "; ".join(f"{n} ({why})" for n, why in self.fallback.items()), stacklevel=3)
+
+    def _ineligible(self, p, mask: torch.Tensor) -> str:
+        if type(p.module) is not nn.Linear or p.param is not p.module.weight:
+            return f"a {type(p.module).__name__}, only nn.Linear weights have sparse kernels"
+        if p.param.device.type != "cpu":
+            return f"on {p.param.device}, the sparse kernels are measured on CPU only"
+        density = float(mask.sum()) / mask.numel()
+        if density > self.policy.max_density:
+            return f"density {density:.3f} > break-even {self.policy.max_density}"
+        if mask.numel() < self.policy.min_numel:
+            return f"{mask.numel()} weights < {self.policy.min_numel}, too small to gain"
+        return ""
+
+    def rebuild(self, masks: dict[str, torch.Tensor], names=None) -> None:
+        """Re-derive the CSR structure of the layers whose masks changed (``names``; all when None)."""
+        for name, layout in self.layouts.items():
+            if names is None or name in names:
+                layout.rebuild(masks[name])
+
+    def runs_sparse(self, name: str) -> bool:
+        return name in self.layouts
+
+    def remove(self) -> None:
+        for layout in self.layouts.values():
+            if "forward" in vars(layout.module):
+                del layout.module.forward
+        self.layouts = {}
+
+
+def _sparse_forward(execution: SparseExecution, layout: SparseLinearLayout):
+    def forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return _SparseLinearFunction.apply(x, module.weight, module.bias, layout,
+                                           torch.is_grad_enabled() and execution.dense_grad_needed())
+    return forward
