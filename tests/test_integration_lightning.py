@@ -54,8 +54,8 @@ def sparse_options():
                 preconditioner=so.SparseOpt())
 
 
-def fit(tmp, module, ckpt_path=None, extra_callbacks=(), **trainer_options):
-    cb = SparseTrainingCallback(**sparse_options())
+def fit(tmp, module, ckpt_path=None, extra_callbacks=(), sparse=None, **trainer_options):
+    cb = SparseTrainingCallback(**(sparse or sparse_options()))
     ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     options = dict(max_epochs=EPOCHS, accumulate_grad_batches=ACCUMULATE, accelerator="cpu", devices=1,
                    logger=CSVLogger(tmp, name="logs"), log_every_n_steps=1, enable_progress_bar=False,
@@ -118,6 +118,25 @@ def test_resuming_a_checkpoint_without_sparse_state_is_an_error(uninterrupted, t
         fit(tmp_path, Classifier(), ckpt_path=tmp_path / "dense.ckpt")
 
 
+def test_a_second_fit_continues_with_the_same_masks(tmp_path):
+    module, cb = Classifier(), SparseTrainingCallback(**sparse_options())
+
+    class AtStart(pl.Callback):  # runs after cb's on_train_start
+        def on_train_start(self, trainer, pl_module):
+            self.sparse, self.masks = cb.sparse, {n: m.clone() for n, m in cb.sparse.masks.items()}
+
+    probe = AtStart()
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=False, callbacks=[cb, probe], accumulate_grad_batches=ACCUMULATE)
+    pl.Trainer(max_epochs=1, **options).fit(module, images())
+    first, step = {n: m.clone() for n, m in cb.sparse.masks.items()}, cb.sparse.step_count
+    assert any(not torch.equal(first[n], probe.masks[n]) for n in first)  # RigL moved the masks
+    pl.Trainer(max_epochs=1, **options).fit(module, images())  # a second fit on the same module
+    assert probe.sparse is cb.sparse and cb.sparse.step_count == 2 * step
+    for name, mask in first.items():
+        assert torch.equal(probe.masks[name], mask), name
+
+
 def plain_loop(module, steps):
     """The same training written by hand: accumulate 2 micro-batches (loss / 2), step, schedule."""
     opt_config = module.configure_optimizers()
@@ -144,6 +163,14 @@ def test_default_loop_equals_the_same_training_in_a_plain_loop(uninterrupted):
         assert torch.equal(full_cb.sparse.masks[name], mask), name
     for name, value in module.state_dict().items():
         assert torch.equal(full_module.state_dict()[name], value), name
+
+
+def test_sparseopt_changes_the_default_loop_result(uninterrupted, tmp_path):
+    _, full_module, _, _ = uninterrupted
+    module = Classifier()
+    fit(tmp_path, module, sparse={**sparse_options(), "preconditioner": None})
+    diff = max(float((a - b).abs().max()) for a, b in zip(module.parameters(), full_module.parameters()))
+    assert diff > 1e-3
 
 
 class UpdateNorms(pl.Callback):

@@ -134,6 +134,19 @@ def test_sparse_state_of_another_run_is_refused(uninterrupted, tmp_path):
         trainer(out, [sparse_callback()]).train(resume_from_checkpoint=True)
 
 
+def test_a_second_train_continues_with_the_same_masks(tmp_path):
+    cb = sparse_callback()
+    t = trainer(tmp_path, [cb], save_strategy="no", max_steps=4)
+    t.train()
+    first, step = {n: m.clone() for n, m in cb.sparse.masks.items()}, cb.sparse.step_count
+    t.args.max_steps = 1
+    t.train()
+    assert cb.sparse.step_count == step + 1
+    if not cb.sparse.topology.is_update_step(step):
+        for name, mask in first.items():
+            assert torch.equal(cb.sparse.masks[name], mask), name
+
+
 class AppliedGradNorm(TrainerCallback):
     """Records the global norm of the gradients the optimizer is about to apply: its step pre-hook is registered
     after SparseTraining's (this callback comes later), so it runs last, right before the update."""

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
-from sparseopt.integrations._attach import attach, check_consistent, metrics
+from sparseopt.integrations._attach import attach, metrics
 from sparseopt.pipeline import SparseTraining
 
 
@@ -66,12 +66,9 @@ class SparseTrainingCallback(pl.Callback):
             raise ValueError(f"resuming from {trainer.ckpt_path}, which holds no sparse state for this callback "
                              f"(key {self.state_key!r}): it was not written with SparseTrainingCallback, so the "
                              "masks, schedule and ITOP of the sparse run cannot be restored")
-        if self.sparse is not None and self.sparse.optimizer is optimizer and self.sparse.model is pl_module:
-            if saved is not None:  # fit() again on the same objects, from a checkpoint
-                check_consistent(pl_module, saved)
-                self.sparse.load_state_dict(saved)
-            return
-        if self.sparse is not None:
+        if self.sparse is not None:  # fit() again: the same model keeps its masks unless a checkpoint says otherwise
+            if saved is None and self.sparse.model is pl_module:
+                saved = self.sparse.state_dict()
             self.sparse.remove()
         self.sparse = attach(pl_module, optimizer, self.options, saved)
 

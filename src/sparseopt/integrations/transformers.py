@@ -55,12 +55,9 @@ class SparseTrainingCallback(TrainerCallback):
                              "add it to a transformers.Trainer (callbacks=[...])")
         optimizer = unwrap_optimizer(optimizer)
         saved = self._resumed_state(args, state)
-        if self.sparse is not None and self.sparse.optimizer is optimizer and self.sparse.model is model:
-            if saved is not None:  # train() again on the same Trainer, resuming
-                check_consistent(model, saved)
-                self.sparse.load_state_dict(saved)
-            return
-        if self.sparse is not None:
+        if self.sparse is not None:  # train() again: the same model keeps its masks unless a checkpoint says otherwise
+            if saved is None and self.sparse.model is model:
+                saved = self.sparse.state_dict()
             self.sparse.remove()
         self.sparse = attach(model, optimizer, self.options, saved)
 
