@@ -9,6 +9,7 @@ Sparsify any ``nn.Module`` and keep training it with your own optimizer and loop
 
 from sparseopt.distributions import layer_nnz
 from sparseopt.init import sparse_init_
+from sparseopt.layouts import Layout, layout_of, register_layout
 from sparseopt.masks import random_mask, select_sparse_params
 from sparseopt.optim import SparseOpt
 from sparseopt.optim import HAM
@@ -23,3 +24,4 @@ __all__ = ["RigL", "SET", "SparseOpt", "SparseTraining", "SparsityReport", "Stat
            "layer_nnz", "random_mask", "select_sparse_params", "sparse_init_"]
 __all__ += ["HAM", "prune_at_init"]
 __all__ += ["Parameterization"]
+__all__ += ["Layout", "layout_of", "register_layout"]

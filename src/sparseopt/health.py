@@ -17,9 +17,11 @@ from torch import nn
 from sparseopt.masks import fan_in
 
 
-def neuron_norms(weight: torch.Tensor) -> torch.Tensor:
-    """||w_i|| of every output unit (row of a Linear weight, output channel of a Conv weight), in float64."""
-    return torch.linalg.vector_norm(weight.detach().reshape(weight.shape[0], -1).to(torch.float64), dim=1)
+def neuron_norms(weight: torch.Tensor, out_axis: int = 0) -> torch.Tensor:
+    """||w_i|| of every output unit (row of a Linear weight, output channel of a Conv weight, column of a Hugging
+    Face Conv1D weight: ``out_axis``, see :mod:`sparseopt.layouts`), in float64."""
+    units = weight.detach().movedim(out_axis, 0)
+    return torch.linalg.vector_norm(units.reshape(units.shape[0], -1).to(torch.float64), dim=1)
 
 
 def loglog_slope(x: torch.Tensor, y: torch.Tensor) -> float | None:
@@ -42,12 +44,13 @@ def batchnorm_sigma(bn: nn.Module) -> torch.Tensor | None:
     return torch.sqrt(var.detach().to(torch.float64) + bn.eps)
 
 
-def layer_health(weight: torch.Tensor, mask: torch.Tensor, batchnorm: nn.Module | None = None) -> dict:
+def layer_health(weight: torch.Tensor, mask: torch.Tensor, batchnorm: nn.Module | None = None,
+                 out_axis: int = 0) -> dict:
     """Dead neurons, the largest row norm and its ratio to the median over live neurons, and, with the BatchNorm
     that the layer feeds, the log-log slopes of sigma_i and |gamma_i| against k_i over live neurons."""
-    k = fan_in(mask).to(torch.float64)
+    k = fan_in(mask, out_axis).to(torch.float64)
     live = k > 0
-    norms = neuron_norms(weight)
+    norms = neuron_norms(weight, out_axis)
     live_norms = norms[live]
     median = float(live_norms.median()) if live_norms.numel() else 0.0
     out = {"dead": int((~live).sum()), "norm_max": float(norms.max()) if norms.numel() else 0.0,

@@ -10,15 +10,15 @@ import math
 
 import torch
 
-from sparseopt.masks import fan_in
+from sparseopt.masks import fan_in, per_unit
 
 MODES = ("fanin", "fanout", "fanavg", "layer")
 DISTRIBUTIONS = ("normal", "uniform")
 
 
-def _fan_out(mask: torch.Tensor) -> torch.Tensor:
+def _fan_out(mask: torch.Tensor, in_axis: int) -> torch.Tensor:
     """Active outgoing connections of each input unit, counting kernel positions, broadcast to the weight shape."""
-    dims = [0, *range(2, mask.dim())]
+    dims = [d for d in range(mask.dim()) if d != in_axis]
     return mask.sum(dim=dims, keepdim=True).expand_as(mask)
 
 
@@ -27,6 +27,8 @@ def sparse_init_(
     mask: torch.Tensor,
     mode: str = "fanin",
     *,
+    out_axis: int = 0,
+    in_axis: int = 1,
     gain: float = 2.0,
     distribution: str = "normal",
     generator: torch.Generator | None = None,
@@ -34,7 +36,8 @@ def sparse_init_(
     """Re-initialise ``weight`` in place for ``mask``; pruned entries become exactly 0.
 
     ``gain`` is the variance gain: 2 for ReLU (He). The RigL TF2 configs use 1.0 (``fanin_normal``); pass gain=1.0
-    for parity with them.
+    for parity with them. ``out_axis``/``in_axis``: the weight's layout (``SparseParam.layout``; Hugging Face
+    ``Conv1D`` stores (in, out): out_axis=1, in_axis=0).
     """
     if mode not in MODES:
         raise ValueError(f"unknown sparse init mode {mode!r}; choose one of {MODES}")
@@ -44,10 +47,10 @@ def sparse_init_(
         if mode == "layer":
             density = mask.float().mean().item()
             return weight.mul_(mask).div_(math.sqrt(density) if density > 0 else 1.0)
-        fan_i = fan_in(mask).view(-1, *([1] * (mask.dim() - 1))).expand_as(mask).to(weight.dtype)
+        fan_i = per_unit(fan_in(mask, out_axis), mask.dim(), out_axis).expand_as(mask).to(weight.dtype)
         fan = {"fanin": lambda: fan_i,
-               "fanout": lambda: _fan_out(mask).to(weight.dtype),
-               "fanavg": lambda: (fan_i + _fan_out(mask).to(weight.dtype)) / 2}[mode]()
+               "fanout": lambda: _fan_out(mask, in_axis).to(weight.dtype),
+               "fanavg": lambda: (fan_i + _fan_out(mask, in_axis).to(weight.dtype)) / 2}[mode]()
         std = torch.sqrt(gain / fan.clamp(min=1.0))
         if distribution == "normal":
             noise = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)

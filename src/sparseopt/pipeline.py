@@ -13,8 +13,10 @@ official step hooks, so the user's loop (``loss.backward(); optimizer.step(); sc
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from glob import escape as glob_escape
 
 import torch
 import torch.distributed as dist
@@ -23,10 +25,10 @@ from torch import nn
 from sparseopt.bn_scales import BatchNormScales
 from sparseopt.distributions import check_density, layer_nnz
 from sparseopt.execution.training import ExecutionPolicy, SparseExecution
-from sparseopt.graph import batchnorm_after, layers_feeding_batchnorm
+from sparseopt.graph import batchnorm_after
 from sparseopt.health import correction_ratio, layer_health
 from sparseopt.init import sparse_init_
-from sparseopt.masks import DEFAULT_MODULE_TYPES, SparseParam, random_mask, select_sparse_params
+from sparseopt.masks import SparseParam, SparsePlan, plan_sparse_params, random_mask, sparsifiable_weights
 from sparseopt.optim.decay import decoupled_groups, fold_coupled_weight_decay_, restore_weight_decay
 from sparseopt.optim.renorm import RENORM_MODES, global_grad_norm, renormalize_
 from sparseopt.optim.sparseopt import SparseOpt
@@ -35,6 +37,7 @@ from sparseopt.selection import MaskChange, drop_and_grow_
 from sparseopt.topology.base import Static, Topology
 
 STATE_VERSION = 1
+_log = logging.getLogger("sparseopt")
 
 
 class SparseTraining:
@@ -48,7 +51,11 @@ class SparseTraining:
         distribution: ``"erk"`` or ``"uniform"``; ``erk_power_scale`` p (0 gives uniform).
         custom_densities: per-layer densities outside the global budget (the rest is re-solved).
         include, exclude, module_types, prune_first_layer, prune_last_layer: choose the sparse set
-            (see :func:`sparseopt.masks.select_sparse_params`).
+            (see :func:`sparseopt.masks.plan_sparse_params`); the weight layers left dense, and why, are in
+            ``dense_layers``, the report and one log line.
+        example_input: one batch (tensor, tuple or mapping of model arguments), used only for models torch.fx
+            cannot trace (Hugging Face models): to find the layers that read the input (first-layer rule) and,
+            for ``SparseOpt(scope="bn_followed")``, the layers feeding a BatchNorm.
         topology: ``Static()`` (default), ``SET(...)`` or ``RigL(...)``.
         preconditioner: ``SparseOpt(...)`` or ``None`` for the baseline.
         masks: initial masks ``{name: bool tensor}`` (e.g. from pruning at initialisation) instead of random ones.
@@ -77,7 +84,7 @@ class SparseTraining:
         custom_densities: Mapping[str, float] | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
-        module_types: Sequence[type[nn.Module]] = DEFAULT_MODULE_TYPES,
+        module_types: Sequence[type[nn.Module]] | None = None,
         prune_first_layer: bool = False,
         prune_last_layer: bool = True,
         topology: Topology | None = None,
@@ -88,6 +95,7 @@ class SparseTraining:
         seed: int = 0,
         renormalize: str | None = None,
         sparse_execution: bool | ExecutionPolicy = False,
+        example_input=None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -98,8 +106,14 @@ class SparseTraining:
         self.optimizer = optimizer
         self.topology = topology if topology is not None else Static()
         self.preconditioner = preconditioner
-        self.params = self._select(model, density, include, exclude, module_types, prune_first_layer,
-                                   prune_last_layer)
+        self.example_input = example_input
+        plan = self._select(model, density, include, exclude, module_types, prune_first_layer, prune_last_layer,
+                            example_input)
+        self.params, self.dense_layers = plan.sparse, plan.dense
+        self.out_axes = {p.name: p.out_axis for p in self.params}
+        if self.dense_layers:
+            _log.info("sparseopt: layers left dense: %s",
+                      "; ".join(f"{n} ({why})" for n, why in self.dense_layers.items()))
         self._check_optimizer_holds_params()
         device = self.params[0].param.device
         self.generator = torch.Generator(device=device)
@@ -132,7 +146,8 @@ class SparseTraining:
         with torch.no_grad():
             for p in self.params:
                 if init is not None:
-                    sparse_init_(p.param, self.masks[p.name], init, gain=init_gain, generator=self.generator)
+                    sparse_init_(p.param, self.masks[p.name], init, out_axis=p.layout.out_axis,
+                                 in_axis=p.layout.in_axis, gain=init_gain, generator=self.generator)
                 p.param.mul_(self.masks[p.name])
                 # Inactive entries hold 0 in weights and optimizer state from here on, which lets mask updates
                 # touch only the entries that change.
@@ -148,9 +163,10 @@ class SparseTraining:
 
     # ---- construction helpers -------------------------------------------------------------------------------
     @staticmethod
-    def _select(model, density, include, exclude, module_types, prune_first_layer, prune_last_layer):
+    def _select(model, density, include, exclude, module_types, prune_first_layer, prune_last_layer,
+                example_input) -> SparsePlan:
         if isinstance(density, Mapping):
-            candidates = {p.name: p for p in select_sparse_params(model, include=["*"], module_types=module_types)}
+            candidates = {p.name: p for p in sparsifiable_weights(model, module_types)}
             unknown = sorted(set(density) - set(candidates))
             if unknown:
                 raise ValueError(f"the density map names unknown or non-sparsifiable parameters {unknown}; "
@@ -159,10 +175,11 @@ class SparseTraining:
                 raise ValueError("the density map is empty; give at least one {parameter_name: density}")
             for name, d in density.items():
                 check_density(d, f"density of {name}")
-            return [candidates[n] for n in candidates if n in density]
+            return plan_sparse_params(model, include=[glob_escape(n) for n in density], module_types=module_types)
         check_density(density)
-        return select_sparse_params(model, include=include, exclude=exclude, module_types=module_types,
-                                    prune_first_layer=prune_first_layer, prune_last_layer=prune_last_layer)
+        return plan_sparse_params(model, include=include, exclude=exclude, module_types=module_types,
+                                  prune_first_layer=prune_first_layer, prune_last_layer=prune_last_layer,
+                                  example_input=example_input)
 
     def _check_optimizer_holds_params(self) -> None:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
@@ -193,12 +210,7 @@ class SparseTraining:
     def _resolve_preconditioner_scope(self) -> set[str]:
         if self.preconditioner is None:
             return set()
-        names = {p.name for p in self.params}
-        if self.preconditioner.scope == "all":
-            return names
-        module_of = {p.name: p.name.rsplit(".", 1)[0] for p in self.params}
-        feeders = layers_feeding_batchnorm(self.model, set(module_of.values()), self.preconditioner.example_input)
-        return {n for n in names if module_of[n] in feeders}
+        return self.preconditioner.layers_in_scope(self.model, self.params, self.example_input)
 
     def _measure_batchnorm_scales(self) -> BatchNormScales | None:
         """For SparseOpt(factor_source="batchnorm"): hooks on the BatchNorm after each preconditioned layer."""
@@ -232,7 +244,8 @@ class SparseTraining:
         """SparseOpt factors per preconditioned layer (empty without a preconditioner)."""
         if self.preconditioner is None or not self._precondition_names:
             return {}
-        return self.preconditioner.factors({n: self.masks[n] for n in self._precondition_names}, self._sigmas())
+        return self.preconditioner.factors({n: self.masks[n] for n in self._precondition_names}, self._sigmas(),
+                                          out_axes=self.out_axes)
 
     def _refresh_grad_scales(self, changed: set[str] | None = None) -> None:
         """mask * c in the weight's dtype: masking and preconditioning become a single multiply per step.
@@ -242,7 +255,7 @@ class SparseTraining:
             changed = {p.name for p in self.params}
         scoped = {n: self.masks[n] for n in self._precondition_names if n in changed or
                   self.preconditioner.mean_scope == "global"}
-        factors = self.preconditioner.factors(scoped, self._sigmas()) if scoped else {}
+        factors = self.preconditioner.factors(scoped, self._sigmas(), out_axes=self.out_axes) if scoped else {}
         for p in self.params:
             if p.name not in changed:
                 continue
@@ -410,6 +423,7 @@ class SparseTraining:
         if self._bn_names is None:
             module_of = {p.name: p.name.rsplit(".", 1)[0] for p in self.params}
             example = self.preconditioner.example_input if self.preconditioner is not None else None
+            example = example if example is not None else self.example_input
             try:
                 feeds = batchnorm_after(self.model, set(module_of.values()), example)
             except ValueError as err:
@@ -434,7 +448,7 @@ class SparseTraining:
         for p in self.params:
             mask, numel = self.masks[p.name], p.param.numel()
             bn = bns.get(p.name)
-            health = layer_health(p.param, mask, modules[bn] if bn is not None else None)
+            health = layer_health(p.param, mask, modules.get(bn) if bn is not None else None, p.out_axis)
             rows.append(LayerReport(
                 name=p.name, shape=tuple(p.shape), numel=numel, target_density=self.target_nnz[p.name] / numel,
                 density=int(mask.sum()) / numel, itop=int(self.fired[p.name].sum()) / numel,
@@ -442,8 +456,9 @@ class SparseTraining:
                 norm_max_over_median=health["norm_max_over_median"], batchnorm=bn,
                 sigma_slope=health["sigma_slope"], gamma_slope=health["gamma_slope"],
                 execution="sparse" if self.execution is not None and self.execution.runs_sparse(p.name)
-                else "masked"))
-        return SparsityReport(step=self.step_count, layers=rows, correction_ratio=self.correction_ratio())
+                else "masked", out_axis=p.out_axis))
+        return SparsityReport(step=self.step_count, layers=rows, correction_ratio=self.correction_ratio(),
+                              dense=dict(self.dense_layers))
 
     def state_dict(self) -> dict:
         return {

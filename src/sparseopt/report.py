@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,11 @@ class LayerReport:
     sigma_slope: float | None = None            # log-log slope of that BatchNorm's sigma_i against fan-in k_i
     gamma_slope: float | None = None            # ... of |gamma_i| against k_i
     execution: str = "masked"  # "sparse": CSR kernels (SparseTraining(sparse_execution=True)); "masked": dense ones
+    out_axis: int = 0       # the weight axis of the output units (1 for Hugging Face Conv1D)
+
+    @property
+    def neurons(self) -> int:
+        return self.shape[self.out_axis]
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class SparsityReport:
     step: int
     layers: list[LayerReport]
     correction_ratio: float | None = None   # ||SparseOpt-corrected g|| / ||g|| over the last step's gradients
+    dense: dict[str, str] = field(default_factory=dict)   # weight layers left dense -> why
 
     @property
     def numel(self) -> int:
@@ -52,7 +58,8 @@ class SparsityReport:
     def to_dict(self) -> dict:
         return {"step": self.step, "numel": self.numel, "density": self.density, "target_density": self.target_density,
                 "itop": self.itop, "changed": self.changed, "correction_ratio": self.correction_ratio,
-                "layers": [asdict(r) for r in self.layers]}
+                "layers": [asdict(r) for r in self.layers],
+                "dense": dict(self.dense)}
 
     def __str__(self) -> str:
         head = ("layer", "shape", "target", "density", "ITOP", "changed", "dead units", "max ||w_i||", "max/median",
@@ -68,6 +75,7 @@ class SparsityReport:
         rule = "-" * len(fmt(head))
         tail = ([] if self.correction_ratio is None else
                 [f"||SparseOpt-corrected g|| / ||g|| at the last step: {self.correction_ratio:.4f}"])
+        tail += [f"left dense: {name} ({why})" for name, why in self.dense.items()]
         return "\n".join([f"sparsity report at step {self.step}", fmt(head), rule, *map(fmt, rows[:-1]), rule,
                           fmt(rows[-1]), *tail])
 

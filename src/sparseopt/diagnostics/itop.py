@@ -11,9 +11,9 @@ import torch
 from sparseopt.masks import fan_in
 
 
-def factor_summary(factors: torch.Tensor, mask: torch.Tensor) -> dict:
+def factor_summary(factors: torch.Tensor, mask: torch.Tensor, out_axis: int = 0) -> dict:
     """Distribution of per-neuron SparseOpt factors c_i over neurons with at least one active input."""
-    c = factors.reshape(-1).to(torch.float64)[fan_in(mask) > 0]
+    c = factors.reshape(-1).to(torch.float64)[fan_in(mask, out_axis) > 0]
     if c.numel() == 0:
         return {"neurons": 0}
     q = torch.quantile(c, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
@@ -31,9 +31,9 @@ def itop_summary(sparse) -> dict:
         nnz = int(sparse.masks[row.name].sum())
         entry = {"name": row.name, "numel": row.numel, "density": row.density, "itop": row.itop,
                  "changed": row.changed, "changed_fraction": row.changed / nnz if nnz else 0.0,
-                 "zero_fanin": row.zero_fanin, "neurons": row.shape[0]}
+                 "zero_fanin": row.zero_fanin, "neurons": row.neurons}
         if row.name in factors:
-            entry["factors"] = factor_summary(factors[row.name], sparse.masks[row.name])
+            entry["factors"] = factor_summary(factors[row.name], sparse.masks[row.name], row.out_axis)
         layers.append(entry)
     active = sum(int(m.sum()) for m in sparse.masks.values())
     return {"step": report.step, "itop": report.itop, "density": report.density, "changed": report.changed,

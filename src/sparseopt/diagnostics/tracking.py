@@ -22,9 +22,14 @@ from torch import nn
 
 from sparseopt.diagnostics.hessian import EigenResult, HessianOperator, _preserved, lanczos, stability_threshold
 from sparseopt.diagnostics.itop import factor_summary, itop_summary
+from sparseopt.layouts import layout_of
 from sparseopt.masks import fan_in
 
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+def _is_weight_layer(module: nn.Module) -> bool:
+    """The layer types sparse by default (Linear, ConvNd, Hugging Face Conv1D; see sparseopt.layouts)."""
+    layout = layout_of(module)
+    return layout is not None and layout.sparse_by_default
 
 
 def _layer(param_name: str) -> str:
@@ -168,7 +173,7 @@ class ScaleTracker:
 
     def __call__(self, ctx) -> dict[str, float] | None:
         model = ctx.model
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES)]
+        layers = [(n, m) for n, m in model.named_modules() if _is_weight_layer(m)]
         metrics: dict[str, float] = {}
         for n, m in layers:
             w = m.weight
@@ -182,9 +187,10 @@ class ScaleTracker:
             masks, factors = ctx.sparse.masks, ctx.sparse.factors()
             for pname, mask in masks.items():
                 layer = _layer(pname)
-                metrics[f"zero_fanin/{layer}"] = float((fan_in(mask) == 0).sum())
+                axis = ctx.sparse.out_axes[pname]
+                metrics[f"zero_fanin/{layer}"] = float((fan_in(mask, axis) == 0).sum())
                 if pname in factors:
-                    summary = factor_summary(factors[pname], mask)
+                    summary = factor_summary(factors[pname], mask, axis)
                     if summary.get("neurons"):
                         for key in ("min", "max", "mean"):
                             metrics[f"factor_{key}/{layer}"] = summary[key]

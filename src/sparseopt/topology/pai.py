@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparseopt.distributions import DISTRIBUTIONS, check_density, layer_nnz
-from sparseopt.masks import DEFAULT_MODULE_TYPES, SparseParam, select_sparse_params
+from sparseopt.masks import SparseParam, select_sparse_params
 
 METHODS = ("random", "magnitude", "snip", "grasp")
 SCOPES = ("global", "layer")
@@ -40,7 +40,7 @@ def prune_at_init(
     generator: torch.Generator | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
-    module_types: Sequence[type[nn.Module]] = DEFAULT_MODULE_TYPES,
+    module_types: Sequence[type[nn.Module]] | None = None,
     prune_first_layer: bool = False,
     prune_last_layer: bool = True,
 ) -> dict[str, torch.Tensor]:
