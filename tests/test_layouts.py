@@ -179,6 +179,7 @@ def test_bn_followed_finds_batchnorm_subclasses_and_functional_batch_norm(untrac
     sparse = so.SparseTraining(model, opt, 0.5, prune_first_layer=True, example_input=example,
                                preconditioner=so.SparseOpt(scope="bn_followed"))
     assert set(sparse.factors()) == {"stem.weight", "conv.weight"}
+    assert sparse.following_batchnorms() == {"stem.weight": "bn0", "conv.weight": "norm"}  # who normalises
 
 
 def test_scope_accepts_names_and_globs_and_rejects_unknown_ones():
@@ -236,7 +237,10 @@ def test_gpt2_conv1d_is_sparse_with_factors_and_init_along_the_output_axis():
     # fan-in init: each output unit's active weights have variance 2 / k_j on average (He, sparse fan-in)
     per_unit_var = (w.detach() ** 2).sum(0) / k.clamp(min=1).float()
     assert abs((per_unit_var * k.float() / 2).mean().item() - 1.0) < 0.15
-    assert report.layers[[r.name for r in report.layers].index(name)].neurons == 64
+    row = report.layers[[r.name for r in report.layers].index(name)]
+    assert row.neurons == 64 and row.zero_fanin == int((k == 0).sum())
+    norms = w.detach().norm(dim=0).double()  # per output unit = per column
+    assert math.isclose(row.norm_max, float(norms.max()), rel_tol=1e-6)
 
     # ERK sees the same budget as for the equivalent (out, in) Linear layers
     shapes = {n: tuple(reversed(model.get_parameter(n).shape)) for n in sparse.masks}
