@@ -9,7 +9,9 @@ check the same from the outside (exit codes and tracebacks as a user sees them).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -252,3 +254,154 @@ def test_the_console_command_exits_2_without_a_traceback(case, tmp_path):
     debug = subprocess.run([sys.executable, "-m", "sparseopt.cli", "--debug", *case.argv], cwd=tmp_path,
                            capture_output=True, text=True, env=env)
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug shows where it came from
+
+
+# ---- resume: a run folder is never damaged ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A finished tiny run and an interrupted one (Ctrl-C at its 11th forward pass), trained once per module."""
+    root = tmp_path_factory.mktemp("runs")
+    prepare(root, {"c.yaml": TINY, "int.yaml": tiny(model={"name": "cli_models:counting_mlp",
+                                                          "options": {"interrupt_at": 11}})})
+    assert main(["train", str(root / "c.yaml"), "--out", str(root / "done"), "--quiet"]) == 0
+    assert main(["train", str(root / "int.yaml"), "--out", str(root / "partial"), "--quiet"]) == 130
+    saved = yaml.safe_load((root / "partial" / "config.yaml").read_text())
+    saved["model"]["options"] = {}  # resumable without a new interruption (a fresh model counts from 0)
+    (root / "partial" / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    return root
+
+
+def with_runs(case: Case, runs: Path, root: Path) -> None:
+    for name in ("done", "partial"):
+        if any(name in arg for arg in case.argv):
+            shutil.copytree(runs / name, root / name)
+
+
+ONLY = "a resumed run may change only train.epochs"
+RESUME_CASES = [
+    Case("other-density", ["train", "--resume", "done", "--set", "sparsity.density=0.2"],
+         ["cannot resume done with a different config: sparsity.density 0.3 -> 0.2;", ONLY, "--out NEW_FOLDER"]),
+    Case("other-method-and-lr", ["train", "--resume", "done", "--set", "sparsity.method=set", "--set", "optim.lr=0.1"],
+         ["sparsity.method 'rigl' -> 'set', optim.lr 0.05 -> 0.1;"]),
+    Case("other-config-file", ["train", "other.yaml", "--resume", "done"],
+         ["model.options.hidden [32] -> [64]", "sparseopt.enabled True -> False"],
+         {"other.yaml": tiny(model={"options": {"hidden": [64], "norm": "batch"}}, sparseopt={"enabled": False})}),
+    Case("added-model-option", ["train", "--resume", "done", "--set", "model.options.bias=false"],
+         ["model.options.bias <unset> -> False"]),
+    Case("fewer-epochs", ["train", "--resume", "done", "--set", "train.epochs=2"],
+         ["train.epochs 3.0 -> 2.0 (may only grow)"]),
+    Case("fewer-checkpoints-kept", ["train", "--resume", "done", "--set", "train.keep_last=1"],
+         ["train.keep_last 2 -> 1 (may only grow)"]),
+    Case("other-seed", ["train", "--resume", "done", "--set", "train.seed=1"], ["train.seed 0 -> 1"]),
+    Case("other-batch-size", ["train", "--resume", "done", "--set", "data.batch_size=16"],
+         ["data.batch_size 32 -> 16"]),
+    Case("other-name", ["train", "--resume", "done", "--set", "name=renamed"], ["name 'tiny' -> 'renamed'"]),
+    Case("safe-and-unsafe-together", ["train", "--resume", "done", "--set", "train.epochs=6", "--set",
+                                      "sparsity.update_every=2"], ["sparsity.update_every 4 -> 2;"]),
+    Case("partial-run-other-density", ["train", "--resume", "partial", "--set", "sparsity.density=0.5"],
+         ["cannot resume partial with a different config: sparsity.density 0.3 -> 0.5"]),
+    Case("partial-run-other-model", ["train", "--resume", "partial", "--set", "model.name=mlp"],
+         ["model.name 'cli_models:counting_mlp' -> 'mlp'"]),
+    Case("resume-and-overwrite", ["train", "--resume", "done", "--overwrite"],
+         ["--resume done continues a run and --overwrite replaces it: choose one"]),
+    Case("resume-into-another-out", ["train", "--resume", "done", "--out", "elsewhere"],
+         ["--resume done continues the run in its own folder, not in --out elsewhere"]),
+    Case("resume-a-missing-folder", ["train", "--resume", "nowhere"], ["nowhere/config.yaml is missing"]),
+    Case("resume-a-folder-without-checkpoints", ["train", "--resume", "fresh"], ["holds no checkpoints/ folder"],
+         {"fresh/config.yaml": TINY}),
+    Case("fresh-train-into-a-run", ["train", "c.yaml", "--out", "done", "--quiet"],
+         ["done already holds a run", "--overwrite", "--resume"], {"c.yaml": TINY}),
+]
+
+
+@pytest.mark.parametrize("case", RESUME_CASES, ids=repr)
+def test_resume_refuses_a_changed_config_before_touching_anything(case, runs, tmp_path, capsys, monkeypatch):
+    with_runs(case, runs, tmp_path)
+    err = check(case, tmp_path, capsys, monkeypatch)
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+
+
+def edit(path: Path, **changes) -> None:
+    config = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def test_damaged_run_folders_are_named_in_one_line_and_left_alone(runs, tmp_path, capsys, monkeypatch):
+    for name, damage, expect in [
+        ("edited", lambda d: edit(d / "config.yaml", model__options={"hidden": [64], "norm": "batch"}),
+         "does not fit the model and optimizer that edited/config.yaml builds"),
+        ("corrupt", lambda d: (d / "checkpoints" / "ckpt-00000024.pt").write_bytes(b"not a checkpoint"),
+         "is corrupt or not a sparseopt checkpoint"),
+        ("repeated", lambda d: (d / "config.yaml").write_text((d / "config.yaml").read_text() + "name: again\n"),
+         "repeated/config.yaml: key 'name' is given twice (lines 1 and"),
+    ]:
+        shutil.copytree(runs / "done", tmp_path / name)
+        damage(tmp_path / name)
+        (tmp_path / name / "results.json").unlink()  # an unfinished run: resume has to read the checkpoint
+        err = check(Case(name, ["train", "--resume", name, "--quiet"], [expect]), tmp_path, capsys, monkeypatch)
+        assert len(err.splitlines()) == 1, err
+
+
+FINISHED_CASES = [
+    Case("finished", ["train", "--resume", "done"], ["done is already finished (24 steps", "nothing was trained or "
+                                                     "written", "--set train.epochs=N (now 3)"], code=0),
+    Case("finished-same-file", ["train", "c.yaml", "--resume", "done"], ["already finished"], {"c.yaml": TINY}, 0),
+    Case("finished-safe-change", ["train", "--resume", "done", "--set", "train.log_every=4", "--set",
+                                  "logging.tensorboard=true"],
+         ["already finished", "(not applied: train.log_every 2 -> 4, logging.tensorboard False -> True)"], code=0),
+]
+
+
+@pytest.mark.parametrize("case", FINISHED_CASES, ids=repr)
+def test_resuming_a_finished_run_says_so_and_changes_nothing(case, runs, tmp_path, capsys, monkeypatch):
+    with_runs(case, runs, tmp_path)
+    prepare(tmp_path, case.files)
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    assert main(case.argv) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and all(text in err for text in case.expect), err  # no results line: nothing was trained
+    assert "Traceback" not in err and tree(tmp_path) == before
+
+
+def test_safe_changes_are_accepted_listed_and_recorded(runs, tmp_path, capsys, monkeypatch):
+    shutil.copytree(runs / "done", tmp_path / "done")
+    shutil.copytree(runs / "partial", tmp_path / "partial")
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path / "done")
+    assert main(["train", "--resume", "done", "--quiet", "--set", "train.epochs=4"]) == 0  # an extension
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["warning: resuming done at step 24 with changed settings: train.epochs 3.0 -> 4.0 "
+                                "(the learning-rate schedule and the mask-update window now span 32 steps)"]
+    after = tree(tmp_path / "done")
+    assert after["checkpoints/ckpt-00000024.pt"] == before["checkpoints/ckpt-00000024.pt"]
+    assert "checkpoints/ckpt-00000032.pt" in after
+    assert yaml.safe_load((tmp_path / "done" / "config.yaml").read_text())["train"]["epochs"] == 4
+    assert json.loads((tmp_path / "done" / "results.json").read_text())["steps"] == 32
+    assert main(["train", "--resume", "partial", "--quiet", "--set", "train.log_every=4"]) == 0
+    assert "with changed settings: train.log_every 2 -> 4" in capsys.readouterr().err
+    assert json.loads((tmp_path / "partial" / "results.json").read_text())["steps"] == 24
+
+
+def test_grids_never_replace_a_run_of_another_config_without_being_told(runs, tmp_path):
+    from sparseopt.experiments.batch import run_many
+    from sparseopt.experiments.configio import ConfigError, from_dict
+    from sparseopt.experiments.schema import RunConfig
+
+    for name in ("a", "b"):
+        shutil.copytree(runs / "done", tmp_path / name)
+    before = tree(tmp_path)
+    same, other = from_dict(RunConfig, TINY), from_dict(RunConfig, tiny(sparsity={"density": 0.5}))
+    with pytest.raises(ConfigError) as info:  # `reproduce` with a changed --set: both folders named at once
+        run_many([other, other], [str(tmp_path / "a"), str(tmp_path / "b")], reuse=True, workers=1, quiet=True)
+    assert [e.split(" holds")[0] for e in info.value.errors] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert all("sparsity.density 0.3 -> 0.5" in e and "--fresh" in e for e in info.value.errors)
+    with pytest.raises(ConfigError, match="already holds a run; pass --overwrite"):  # `demo` without --overwrite
+        run_many([same], [str(tmp_path / "a")], workers=1, quiet=True)
+    assert tree(tmp_path) == before
+    assert run_many([same], [str(tmp_path / "a")], reuse=True, workers=1, quiet=True) == {"new": 0, "partial": 0,
+                                                                                          "done": 1}
+    assert tree(tmp_path) == before

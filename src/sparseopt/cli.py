@@ -139,11 +139,22 @@ def _load_config(path: str | None, overrides: list[str], resume: str | None) -> 
 def _cmd_train(args) -> int:
     from sparseopt.experiments.runner import train
 
+    if args.resume is not None and args.overwrite:
+        raise UserError(f"--resume {args.resume} continues a run and --overwrite replaces it: choose one")
+    if args.resume is not None and args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise UserError(f"--resume {args.resume} continues the run in its own folder, not in --out {args.out}; "
+                        "drop --out (or copy the run folder first)")
     overrides = args.overrides + (["train.deterministic=true"] if args.deterministic else [])
     cfg = _load_config(args.config, overrides, args.resume)
     out = args.resume or args.out or str(Path("runs") / cfg.name)
     results = train(cfg, out, overwrite=args.overwrite, resume=args.resume is not None, quiet=args.quiet)
     if not results:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    if results.get("already_finished"):
+        print(f"{out} is already finished ({results['steps']} steps, final test accuracy "
+              f"{results['final']['test_accuracy']:.4f}); nothing was trained or written"
+              + (f" (not applied: {results['unapplied_changes']})" if results["unapplied_changes"] else "")
+              + f". To train longer: --resume {out} --set train.epochs=N (now {cfg.train.epochs:g})", file=sys.stderr)
         return 0
     print(f"{cfg.name}: final test accuracy {results['final']['test_accuracy']:.4f}, best "
           f"{results['best']['test_accuracy']:.4f} at step {results['best']['step']} ({results['steps']} steps, "

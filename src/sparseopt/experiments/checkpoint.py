@@ -121,8 +121,7 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[Path]:
         """Complete numbered checkpoints, oldest step first (temporary files never match)."""
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _CHECKPOINT.fullmatch(p.name))]
-        return [p for _, p in sorted(found)]
+        return find_checkpoints(self.directory)
 
     def latest(self) -> Path | None:
         """The checkpoint with the highest step, or None if there is none yet."""
@@ -139,6 +138,24 @@ class CheckpointManager:
         if self.best_metric is None:
             return True
         return metric > self.best_metric if self.metric_mode == "max" else metric < self.best_metric
+
+
+def find_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """The numbered checkpoints in ``directory``, oldest step first; [] if it does not exist. Reads only, unlike
+    `CheckpointManager`, which creates its folder: for commands that must not write into a run they inspect."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CHECKPOINT.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step in a numbered checkpoint's name (``ckpt-00000024.pt`` -> 24), without loading it."""
+    match = _CHECKPOINT.fullmatch(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a numbered checkpoint (ckpt-<step>.pt)")
+    return int(match.group(1))
 
 
 def _load_payload(path: Path, map_location: Any) -> dict[str, Any]:

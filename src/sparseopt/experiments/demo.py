@@ -53,7 +53,7 @@ def run_demo(out: str | Path, *, seeds: int = 5, epochs: float = 20.0, workers: 
         raise UserError(f"{out} already holds a demo (results.json); pass --overwrite to replace it")
     configs = demo_configs(list(range(seeds)), epochs)
     run_dirs = [str(out / "runs" / f"{c.name}-seed{c.train.seed}") for c in configs]
-    run_many(configs, run_dirs, workers=workers, quiet=quiet, desc="demo runs")
+    run_many(configs, run_dirs, workers=workers, quiet=quiet, desc="demo runs", overwrite=overwrite)
     report = make_report(run_dirs, out, target=0.9)
     finals = {}
     for d in run_dirs:

@@ -111,7 +111,8 @@ def reproduce(name: str, out: str | Path, *, scale: str = "laptop", seeds: list[
     if dry_run:
         return {"preset": name, "runs": [{"name": c.name, "seed": c.train.seed, "dir": d}
                                          for c, d in zip(configs, run_dirs)]}
-    counts = run_many(configs, run_dirs, workers=workers or spec.workers, quiet=quiet, desc=name, reuse=not fresh)
+    counts = run_many(configs, run_dirs, workers=workers or spec.workers, quiet=quiet, desc=name, reuse=not fresh,
+                      overwrite=fresh)
     report = make_report(run_dirs, out, target=spec.target)
     summary = {"preset": name, "title": preset.title, "paper": preset.paper, "scale": scale, "runs_state": counts,
                **report}

@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,7 +30,8 @@ from sparseopt.experiments.distributed import barrier, broadcast_buffers, init_f
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.evaluation import evaluate
 from sparseopt.experiments.precision import MixedPrecision
-from sparseopt.experiments.preflight import check_output_folder
+from sparseopt.experiments.preflight import ConfigWarning, check_output_folder
+from sparseopt.experiments.resume import describe, plan_resume
 from sparseopt.experiments.runlog import RunLogger, progress
 from sparseopt.experiments.schema import RunConfig
 from sparseopt.experiments.stopping import Interrupted, StopRequest, stop_on_signals
@@ -37,6 +39,16 @@ from sparseopt.experiments.stopping import Interrupted, StopRequest, stop_on_sig
 __all__ = ["Interrupted", "Runner", "TrainingDiverged", "evaluate", "train"]
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "results.json")
+
+
+def checkpoint_mismatch(checkpoint: Path | None, config: Path, err: Exception) -> UserError:
+    """One line for a checkpoint whose tensors do not fit the model its folder's config builds."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    detail = "; ".join(lines[:2]) if lines else type(err).__name__
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    return UserError(f"checkpoint {checkpoint} does not fit the model and optimizer that {config} builds "
+                     f"({detail}); was config.yaml edited? restore it (results.json keeps a copy for finished runs)")
 
 
 class TrainingDiverged(UserError):
@@ -112,6 +124,9 @@ class Runner:
         self.dist = init_from_env()
         check_output_folder(self.out)                     # the cheap checks first: nothing built yet
         check_out_dir(self.out, overwrite=overwrite, resume=resume)
+        self.plan = plan_resume(self.out, cfg) if resume else None  # refuses a changed config, touching nothing
+        if self.plan is not None and self.plan.finished is not None:
+            return                                        # nothing to build or write: run() says it is finished
         self.exp: Experiment = build_experiment(cfg)      # all validation happens before the folder is touched
         self.amp = MixedPrecision(cfg.train.precision, self.exp.device)
         self.net = self.exp.model
@@ -132,6 +147,13 @@ class Runner:
         self.last_eval: tuple[int, dict[str, float]] | None = None
         if resume:
             self._restore()
+            if self.plan.changes and self.dist.is_main:  # only safe keys (resume.SAFE_TO_CHANGE) get here
+                longer = any(k == "train.epochs" for k, _, _ in self.plan.changes)
+                warnings.warn(f"resuming {self.out} at step {self.step} with changed settings: "
+                              f"{describe(self.plan.changes)}" + (
+                                  f" (the learning-rate schedule and the mask-update window now span "
+                                  f"{self.exp.total_steps} steps)" if longer else ""), ConfigWarning, stacklevel=2)
+                dump_yaml(cfg, self.out / "config.yaml")
         elif self.dist.is_main:
             dump_yaml(cfg, self.out / "config.yaml")
 
@@ -168,8 +190,7 @@ class Runner:
                 e.sparse.load_state_dict(state["sparse"])
             e.data.train.load_state_dict(state["loader"])
         except (KeyError, ValueError, RuntimeError) as err:
-            raise UserError(f"the checkpoint in {self.out / 'checkpoints'} does not fit this config ({err}); "
-                            "resume with the config.yaml saved in the run folder") from err
+            raise checkpoint_mismatch(self.ckpt.latest(), self.out / "config.yaml", err) from err
         for c in self.callbacks:
             c.load_state_dict(state.get("callbacks", {}).get(c.name, {}))
         torch.set_rng_state(state["rng"].cpu())
@@ -266,6 +287,10 @@ class Runner:
                 logger.log(self.step, metrics, split=c.name)
 
     def run(self) -> dict:
+        if self.plan is not None and self.plan.finished is not None:  # resumed after its last step: no-op
+            unapplied = describe(self.plan.changes)
+            return {**self.plan.finished, "already_finished": True, "unapplied_changes": unapplied} \
+                if self.dist.is_main else {}
         e, cfg = self.exp, self.cfg
         logger = RunLogger(self.out, formats=cfg.logging.formats, tensorboard=cfg.logging.tensorboard,
                            resume_step=self.step if self.resume else None) if self.dist.is_main else _NoLogger()
