@@ -2,7 +2,8 @@
 
 ``sparseopt train --resume DIR [CONFIG] [--set ...]`` compares the config it is given with ``DIR/config.yaml``
 before anything is built or written. Keys that change how a run is *observed or hosted*, not *what it trains*,
-may differ (the list below, also in docs/cli.md); ``train.epochs`` and ``train.keep_last`` only upward. Any other
+may differ (the list below, also in docs/cli.md; ``train.precision`` is not among them: it changes the
+arithmetic of every later step); ``train.epochs`` and ``train.keep_last`` only upward. Any other
 difference is refused with every key listed ``old -> new``: continuing would leave masks and checkpoints of one
 config under the name of another.
 """
@@ -21,7 +22,7 @@ from sparseopt.experiments.schema import RunConfig
 
 #: Keys a resumed run may change; a trailing ".*" covers a whole section.
 SAFE_TO_CHANGE = ("train.epochs", "train.keep_last", "train.log_every", "train.eval_every", "train.device",
-                  "train.deterministic", "logging.*", "data.root", "data.download", "data.num_workers",
+                  "train.deterministic", "train.channels_last", "train.compile", "logging.*", "data.root", "data.download", "data.num_workers",
                   "data.test_batch_size", "diagnostics.*")
 #: Of those, the ones that may only grow: a longer run (an extension), more checkpoints kept.
 GROW_ONLY = ("train.epochs", "train.keep_last")
