@@ -39,13 +39,14 @@ def sparse_callback():
                                   preconditioner=so.SparseOpt())
 
 
-def trainer(out, callbacks, model=None, **overrides):
+def trainer(out, callbacks, model=None, eval_dataset=None, **overrides):
     options = dict(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                    max_steps=STEPS, save_strategy="steps", save_steps=SAVE_AT, logging_steps=1, learning_rate=0.02,
                    lr_scheduler_type="linear", max_grad_norm=1.0, seed=0, report_to="none", use_cpu=True,
                    dataloader_num_workers=0, disable_tqdm=True)
     args = TrainingArguments(**{**options, **overrides})
-    return Trainer(model=model or resnet(), args=args, train_dataset=Images(), callbacks=callbacks)
+    return Trainer(model=model or resnet(), args=args, train_dataset=Images(), eval_dataset=eval_dataset,
+                   callbacks=callbacks)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,20 @@ def test_a_second_train_continues_with_the_same_masks(tmp_path):
     if not cb.sparse.topology.is_update_step(step):
         for name, mask in first.items():
             assert torch.equal(cb.sparse.masks[name], mask), name
+
+
+def test_load_best_model_at_end_brings_the_best_checkpoints_masks(tmp_path):
+    cb = sparse_callback()
+    # here the best eval loss is at the first checkpoint, not the last: the masks must really be swapped back
+    t = trainer(tmp_path, [cb], eval_strategy="steps", eval_steps=SAVE_AT, load_best_model_at_end=True,
+                metric_for_best_model="eval_loss", greater_is_better=False, eval_dataset=Images(n=16))
+    t.train()
+    best = torch.load(f"{t.state.best_model_checkpoint}/{STATE_FILE}", weights_only=True)
+    last = torch.load(tmp_path / f"checkpoint-{STEPS}" / STATE_FILE, weights_only=True)
+    assert best["step"] != last["step"] and any(not torch.equal(best["masks"][n], last["masks"][n]) for n in best["masks"])
+    for p in cb.sparse.params:
+        assert torch.equal(cb.sparse.masks[p.name], best["masks"][p.name]), p.name
+        assert not p.param[~best["masks"][p.name]].any(), p.name
 
 
 class AppliedGradNorm(TrainerCallback):

@@ -98,8 +98,7 @@ class SparseTrainingCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, *, model=None,
-                     **kwargs) -> None:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         """With ``load_best_model_at_end`` the Trainer has just loaded the best checkpoint's weights: load its masks
         too, so the report and any further training describe the model that is there."""
         if self.sparse is None or not (args.load_best_model_at_end and state.best_model_checkpoint):
