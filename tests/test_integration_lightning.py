@@ -20,7 +20,8 @@ MAX_NORM, LR = 0.05, 0.05
 
 def images(n=BATCHES * 8, classes=5):
     g = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, classes, (n,), generator=g))
+    x, y = torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, classes, (n,), generator=g)
+    data = torch.utils.data.TensorDataset(x, y)
     return torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
 
 
