@@ -2,9 +2,11 @@
 on tiny random-init Hugging Face GPT-2 / BERT models (no downloads)."""
 
 import math
+import runpy
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,3 +301,11 @@ def test_sparsifying_a_tied_embedding_on_request_still_warns():
     with pytest.warns(UserWarning, match="emb.weight is shared with out \\(Linear\\).*output axis 1"):
         plan = plan_sparse_params(model, module_types=[nn.Linear, nn.Embedding], prune_first_layer=True)
     assert [p.name for p in plan.sparse] == ["emb.weight", "mid.weight"] and plan.sparse[0].out_axis == 1
+
+
+def test_gpt2_example_runs(capsys):
+    pytest.importorskip("transformers")
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "gpt2_sparse.py"))
+    example["main"](steps=3)
+    printed = capsys.readouterr().out
+    assert "left dense: lm_head.weight (tied to transformer.wte" in printed and "factors (1, 256)" in printed

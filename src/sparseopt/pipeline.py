@@ -112,7 +112,7 @@ class SparseTraining:
         self.params, self.dense_layers = plan.sparse, plan.dense
         self.out_axes = {p.name: p.out_axis for p in self.params}
         if self.dense_layers:
-            _log.info("sparseopt: layers left dense: %s",
+            _log.info("layers left dense: %s",
                       "; ".join(f"{n} ({why})" for n, why in self.dense_layers.items()))
         self._check_optimizer_holds_params()
         device = self.params[0].param.device
