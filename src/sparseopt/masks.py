@@ -260,3 +260,39 @@ def per_unit(values: torch.Tensor, ndim: int, out_axis: int = 0) -> torch.Tensor
     shape = [1] * ndim
     shape[out_axis] = -1
     return values.reshape(shape)
+
+
+def unit_grid(shape: Sequence[int] | torch.Size, out_axis: int = 0, device: torch.device | str = "cpu"
+              ) -> torch.Tensor:
+    """Flat indices of a weight arranged as ``(output units, fan-in capacity)``: row i lists unit i's entries.
+    Per-neuron selections work on this grid whatever the layout (Hugging Face ``Conv1D`` is (in, out))."""
+    shape = torch.Size(shape)
+    return torch.arange(shape.numel(), device=device).view(shape).movedim(out_axis, 0).reshape(shape[out_axis], -1)
+
+
+def unit_of(flat: torch.Tensor, shape: Sequence[int] | torch.Size, out_axis: int = 0) -> torch.Tensor:
+    """The output unit of each flat index of a weight of ``shape``."""
+    shape = torch.Size(shape)
+    stride = shape[out_axis + 1:].numel()
+    return torch.div(flat, stride, rounding_mode="floor") % shape[out_axis]
+
+
+def constant_fan_in_mask(shape: Sequence[int] | torch.Size, fan: int, generator: torch.Generator,
+                         device: torch.device | str = "cpu", out_axis: int = 0) -> torch.Tensor:
+    """A bool mask in which every output unit has exactly ``fan`` active inputs, at uniformly random positions."""
+    grid = unit_grid(shape, out_axis, device)
+    if not 0 <= fan <= grid.shape[1]:
+        raise ValueError(f"fan-in {fan} is outside [0, {grid.shape[1]}] for a weight of shape {tuple(shape)}")
+    scores = torch.rand(grid.shape, generator=generator, device=device)
+    mask = torch.zeros(grid.numel(), dtype=torch.bool, device=device)
+    mask[grid.gather(1, torch.topk(scores, fan, dim=1, sorted=False).indices).reshape(-1)] = True
+    return mask.view(tuple(shape))
+
+
+def constant_fan_in_nnz(shape: Sequence[int] | torch.Size, nnz: int, out_axis: int = 0) -> int:
+    """The layer count nearest ``nnz`` that every output unit can share: ``units · k``, k = round(nnz / units)
+    in [1, fan-in capacity]."""
+    shape = torch.Size(shape)
+    units = shape[out_axis]
+    fan = min(max(1, round(nnz / units)), shape.numel() // units)
+    return fan * units

@@ -28,12 +28,13 @@ from sparseopt.execution.training import ExecutionPolicy, SparseExecution
 from sparseopt.graph import batchnorm_after
 from sparseopt.health import correction_ratio, layer_health
 from sparseopt.init import sparse_init_
-from sparseopt.masks import SparseParam, SparsePlan, plan_sparse_params, random_mask, sparsifiable_weights
+from sparseopt.masks import (SparseParam, SparsePlan, constant_fan_in_mask, constant_fan_in_nnz, fan_in,
+                             plan_sparse_params, random_mask, sparsifiable_weights)
 from sparseopt.optim.decay import decoupled_groups, fold_coupled_weight_decay_, restore_weight_decay
 from sparseopt.optim.renorm import RENORM_MODES, global_grad_norm, renormalize_
 from sparseopt.optim.sparseopt import SparseOpt
 from sparseopt.report import LayerReport, SparsityReport
-from sparseopt.selection import MaskChange, drop_and_grow_
+from sparseopt.selection import MaskChange, drop_and_grow_, drop_and_grow_per_neuron_
 from sparseopt.topology.base import Static, Topology
 
 STATE_VERSION = 1
@@ -71,6 +72,10 @@ class SparseTraining:
             break-even stay masked-dense (a warning names them; ``report()`` says which run sparse). The weights
             stay dense parameters, so results equal the masked-dense path up to float rounding, but ``.grad`` is
             zero at inactive entries except on mask-update steps.
+        constant_fan_in: every output unit of a layer gets the same fan-in k = round(nnz / rows) (so the layer's
+            count becomes rows · k, the nearest multiple), and SET/RigL drop and regrow within each unit, so k_i
+            never changes: BatchNorm sees no fan-in skew and SparseOpt's fan-in factor is exactly 1, the
+            structural counterpart of SparseOpt. Given ``masks`` must then have constant fan-in per layer.
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class SparseTraining:
         renormalize: str | None = None,
         sparse_execution: bool | ExecutionPolicy = False,
         example_input=None,
+        constant_fan_in: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -125,6 +131,10 @@ class SparseTraining:
         else:
             self.target_nnz = layer_nnz(shapes, density, distribution, erk_power_scale=erk_power_scale,
                                         custom=custom_densities)
+        self.constant_fan_in = constant_fan_in
+        if constant_fan_in:
+            self.target_nnz = {p.name: constant_fan_in_nnz(p.shape, self.target_nnz[p.name], p.out_axis)
+                               for p in self.params}
         self.masks = self._initial_masks(masks, device)
         self._broadcast_masks()
         self.fired = {n: m.clone() for n, m in self.masks.items()}
@@ -190,6 +200,9 @@ class SparseTraining:
                              "creating SparseTraining")
 
     def _initial_masks(self, masks, device) -> dict[str, torch.Tensor]:
+        if masks is None and self.constant_fan_in:
+            return {p.name: constant_fan_in_mask(p.shape, self.target_nnz[p.name] // p.shape[p.out_axis],
+                                                 self.generator, device, p.out_axis) for p in self.params}
         if masks is None:
             return {p.name: random_mask(p.shape, self.target_nnz[p.name], self.generator, device)
                     for p in self.params}
@@ -203,6 +216,11 @@ class SparseTraining:
             m = masks[p.name].to(device=device, dtype=torch.bool)
             if m.shape != p.shape:
                 raise ValueError(f"mask for {p.name!r} has shape {tuple(m.shape)}, the weight {tuple(p.shape)}")
+            fans = fan_in(m, p.out_axis)
+            if self.constant_fan_in and fans.unique().numel() > 1:
+                raise ValueError(f"constant_fan_in=True, but the given mask for {p.name!r} has fan-ins from "
+                                 f"{int(fans.min())} to {int(fans.max())}; pass masks with one fan-in per "
+                                 "layer or constant_fan_in=False")
             out[p.name] = m.clone()
             self.target_nnz[p.name] = int(m.sum())
         return out
@@ -342,14 +360,19 @@ class SparseTraining:
         old = {n: m.clone() for n, m in self.masks.items()} if distributed else {}
         changes: dict[str, MaskChange] = {}
         for p in self.params:
-            n = self.topology.drop_count(t, self.target_nnz[p.name])
+            # constant fan-in: n per neuron, from its fan-in; otherwise n for the whole layer
+            units = p.shape[p.out_axis]
+            nnz = self.target_nnz[p.name] // units if self.constant_fan_in else self.target_nnz[p.name]
+            n = self.topology.drop_count(t, nnz)
             if n == 0:
                 continue
             mask, w, active = self.masks[p.name], p.param.detach(), self._active[p.name]
-            scratch = self._scratch(w)
-            changes[p.name] = drop_and_grow_(
-                mask, self.topology.drop_score(w, active),
-                self.topology.grow_score(w, grads.get(p.name), self.generator, out=scratch), n, active=active)
+            drop = self.topology.drop_score(w, active, p.out_axis)
+            grow = self.topology.grow_score(w, grads.get(p.name), self.generator, out=self._scratch(w))
+            if self.constant_fan_in:
+                changes[p.name] = drop_and_grow_per_neuron_(mask, drop, grow, n, active, p.out_axis)
+            else:
+                changes[p.name] = drop_and_grow_(mask, drop, grow, n, active=active)
         if distributed:
             changes = self._agree_on_changes(old)
         for p in self.params:

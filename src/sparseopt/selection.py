@@ -95,3 +95,36 @@ def topk_indices(x: torch.Tensor, k: int, largest: bool = True, min_numel: int |
         return torch.topk(x, k, largest=largest, sorted=False).indices
     band_at = torch.topk(x.index_select(0, band), k - sure.numel(), largest=largest, sorted=False).indices
     return torch.cat([sure, band[band_at]])
+
+
+def drop_and_grow_per_neuron_(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, n: int,
+                              active: torch.Tensor, out_axis: int = 0) -> MaskChange:
+    """:func:`drop_and_grow_` within each output neuron (along ``out_axis``): every neuron drops its ``n`` active
+    entries with the smallest ``drop_score`` and grows ``n`` of its entries with the largest ``grow_score`` among
+    those not kept, so every neuron's fan-in is unchanged (constant fan-in masks).
+
+    ``drop_score`` is per active entry in the order of ``active``, as for :func:`drop_and_grow_`; ``grow_score``
+    is full-size and overwritten. Every neuron needs at least ``n`` active entries."""
+    from sparseopt.masks import unit_grid
+
+    if n <= 0:
+        return MaskChange(active[:0], active[:0], active[:0])
+    if drop_score.numel() != active.numel():
+        raise ValueError(f"drop_score has {drop_score.numel()} entries for {active.numel()} active weights")
+    flat = mask.view(-1)
+    grid = unit_grid(mask.shape, out_axis, mask.device)
+    drop = torch.full((flat.numel(),), float("inf"), dtype=drop_score.dtype, device=drop_score.device)
+    drop.index_copy_(0, active, drop_score)
+    dropped = grid.gather(1, torch.topk(drop[grid], n, dim=1, largest=False, sorted=False).indices).reshape(-1)
+    grow = grow_score.view(-1)
+    regrow_scores = grow.index_select(0, dropped)
+    grow.index_fill_(0, active, float("-inf"))
+    grow.index_copy_(0, dropped, regrow_scores)
+    grown = grid.gather(1, torch.topk(grow[grid], n, dim=1, sorted=False).indices).reshape(-1)
+    was_active = flat.index_select(0, grown)
+    flat.index_fill_(0, dropped, False)
+    flat.index_fill_(0, grown, True)
+    removed = dropped[~flat.index_select(0, dropped)]
+    position = torch.full((flat.numel(),), -1, dtype=torch.long, device=mask.device)
+    position.index_copy_(0, active, torch.arange(active.numel(), device=mask.device))
+    return MaskChange(removed, grown[~was_active], position.index_select(0, removed))

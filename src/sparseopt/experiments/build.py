@@ -74,6 +74,10 @@ def initial_masks(cfg: RunConfig, model: nn.Module, data: DataBundle) -> dict[st
     s = cfg.sparsity
     if s.initial_mask == "random":
         return None
+    if s.constant_fan_in:
+        raise UserError(f"sparsity.constant_fan_in draws its own masks; it cannot start from "
+                        f"sparsity.initial_mask={s.initial_mask!r}: set initial_mask to random or constant_fan_in "
+                        "to false")
     batches = list(itertools.islice(iter(data.train), s.pai_batches))
     data.train.set_epoch(0)  # scoring must not move the training order
     device = next(model.parameters()).device
@@ -111,7 +115,8 @@ def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
                              prune_first_layer=s.prune_first_layer, prune_last_layer=s.prune_last_layer,
                              topology=topology, preconditioner=preconditioner,
                              init=None if s.init == "none" else s.init, seed=cfg.train.seed, masks=masks,
-                             renormalize=None if p.renormalize == "none" else p.renormalize)
+                             renormalize=None if p.renormalize == "none" else p.renormalize,
+                             constant_fan_in=s.constant_fan_in)
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:

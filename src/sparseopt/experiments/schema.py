@@ -46,6 +46,8 @@ class SparsityConfig:
     grow_init: Literal["zeros", "random_normal", "random_uniform", "grad_sign", "grad_scale"] = "zeros"
     drop_criterion: Literal["magnitude", "neuron_normalized"] = option(
         "magnitude", help="SET/RigL drop score: |w| (reference) or |w_ij|/||w_i|| (scale-invariant per neuron)")
+    constant_fan_in: bool = option(
+        False, help="every neuron of a layer gets the same fan-in, kept by SET/RigL (no BatchNorm fan-in skew)")
     initial_mask: Literal["random", "magnitude", "snip", "grasp"] = option(
         "random", help="where the first mask comes from: random (per distribution) or pruning at initialisation")
     pai_scope: Literal["global", "layer"] = "global"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from sparseopt.health import neuron_norms
+from sparseopt.masks import unit_of
 from sparseopt.topology.base import Topology
 from sparseopt.topology.schedules import UpdateSchedule
 
@@ -12,8 +14,9 @@ GROW_INITS = ("zeros", "random_normal", "random_uniform", "grad_scale", "grad_si
 DROP_CRITERIA = ("magnitude", "neuron_normalized")
 
 
-def neuron_normalized_magnitude(weight: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """|w_ij| / ||w_i|| for the active entries (flat indices ``active``), ||w_i|| over neuron i's row/channel.
+def neuron_normalized_magnitude(weight: torch.Tensor, active: torch.Tensor, out_axis: int = 0) -> torch.Tensor:
+    """|w_ij| / ||w_i|| for the active entries (flat indices ``active``), ||w_i|| over output unit i's weights
+    (along ``out_axis``: a Linear row, a Conv output channel, a Hugging Face Conv1D column).
 
     Under BatchNorm a neuron's output does not depend on the scale of its weight row, so raw |w| compares numbers
     that mean different things in different neurons: a neuron whose row is small loses all its weights first and
@@ -21,11 +24,10 @@ def neuron_normalized_magnitude(weight: torch.Tensor, active: torch.Tensor) -> t
     over the row is the norm over its active weights. A neuron whose active weights are all 0 scores 0 on each of
     them, like any zero weight under the magnitude criterion (0/0 is read as 0).
     """
-    rows = weight.reshape(weight.shape[0], -1)
-    norms = torch.linalg.vector_norm(rows, dim=1)
+    norms = neuron_norms(weight, out_axis).to(weight.dtype)
     inverse = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-    row_of = torch.div(active, rows.shape[1], rounding_mode="floor")
-    return rows.reshape(-1).index_select(0, active).abs().mul_(inverse.index_select(0, row_of))
+    units = unit_of(active, weight.shape, out_axis)
+    return weight.reshape(-1).index_select(0, active).abs().mul_(inverse.index_select(0, units))
 
 
 class _DropAndGrow(Topology):
@@ -67,10 +69,10 @@ class _DropAndGrow(Topology):
     def is_update_step(self, step: int) -> bool:
         return self.schedule.is_update_step(step)
 
-    def drop_score(self, weight: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def drop_score(self, weight: torch.Tensor, active: torch.Tensor, out_axis: int = 0) -> torch.Tensor:
         if self.drop_criterion == "neuron_normalized":
-            return neuron_normalized_magnitude(weight, active)
-        return super().drop_score(weight, active)
+            return neuron_normalized_magnitude(weight, active, out_axis)
+        return super().drop_score(weight, active, out_axis)
 
     def drop_count(self, step: int, nnz: int) -> int:
         """k = floor(f(t) · nnz), as RigL TF."""
