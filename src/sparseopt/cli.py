@@ -239,6 +239,8 @@ def _cmd_reproduce(args) -> int:
     out = args.out or str(Path("runs") / f"{args.preset}-{args.scale}")
     summary = presets.reproduce(args.preset, out, scale=args.scale, seeds=args.seeds, workers=args.workers,
                                 overrides=args.overrides, dry_run=args.dry_run, quiet=args.quiet, fresh=args.fresh)
+    if not summary:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     if args.dry_run:
         runs = summary["runs"]
         for r in runs:

@@ -9,6 +9,7 @@ Mask updates stay identical across ranks because DDP averages gradients and Spar
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -42,7 +43,16 @@ def init_from_env() -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend)
+        atexit.register(_leave_process_group)
     return info
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits: a gloo group still alive at teardown aborts the
+    process ("terminate called without an active exception", exit -6), and torchrun then kills the other ranks
+    and reports failure although the run finished."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def max_over_ranks(info: DistInfo, *values: float) -> list[float]:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from sparseopt.experiments.batch import run_many
 from sparseopt.experiments.checkpoint import atomic_write
 from sparseopt.experiments.configio import apply_overrides, from_dict, load_yaml, merge
+from sparseopt.experiments.distributed import init_from_env
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.report import make_report
 from sparseopt.experiments.schema import RunConfig
@@ -97,22 +98,35 @@ def reproduce(name: str, out: str | Path, *, scale: str = "laptop", seeds: list[
               workers: int | None = None, overrides: list[str] = (), dry_run: bool = False,
               quiet: bool = False, fresh: bool = False) -> dict:
     """Run the preset's grid into ``out/runs`` and report it; finished runs of the same config are kept and
-    interrupted ones resumed unless ``fresh``."""
+    interrupted ones resumed unless ``fresh``.
+
+    Under torchrun every rank trains each run (one at a time, with DDP) and rank 0 alone writes the report;
+    the other ranks return an empty dict.
+    """
     preset = load_preset(name)
     spec = getattr(preset, scale, None)
     if spec is None:
         raise UserError(f"preset {name!r} has no {scale!r} scale; it has: "
                         f"{[s for s in ('laptop', 'full') if getattr(preset, s) is not None]}")
     out = Path(out)
+    ranks = init_from_env()
+    if ranks.enabled and workers is not None and workers > 1:
+        raise UserError(f"--workers {workers} under torchrun: the runs are already spread over the "
+                        f"{ranks.world} processes (DDP), one run at a time; drop --workers")
     if preset.kind != "train":
+        if not ranks.is_main:  # single-process diagnostics: rank 0 runs them
+            return {}
         return _run_diagnostic(name, preset.kind, dict(spec.args), out, seeds, dry_run)
     configs = expand(spec, list(overrides), seeds)
     run_dirs = [str(out / "runs" / f"{_slug(c.name)}-seed{c.train.seed}") for c in configs]
     if dry_run:
         return {"preset": name, "runs": [{"name": c.name, "seed": c.train.seed, "dir": d}
                                          for c, d in zip(configs, run_dirs)]}
-    counts = run_many(configs, run_dirs, workers=workers or spec.workers, quiet=quiet, desc=name, reuse=not fresh,
-                      overwrite=fresh)
+    workers = 1 if ranks.enabled else workers or spec.workers
+    counts = run_many(configs, run_dirs, workers=workers, quiet=quiet or not ranks.is_main, desc=name,
+                      reuse=not fresh, overwrite=fresh)
+    if not ranks.is_main:
+        return {}
     report = make_report(run_dirs, out, target=spec.target)
     summary = {"preset": name, "title": preset.title, "paper": preset.paper, "scale": scale, "runs_state": counts,
                **report}
