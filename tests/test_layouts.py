@@ -100,17 +100,20 @@ class Untraceable(TwoStems):
     def forward(self, x):
         if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace this
             x = x * 2
-        return super().forward(x)
+        return super().forward(x + 1e-3 * torch.rand_like(x))  # draws from the global RNG
 
 
 def test_untraceable_models_are_probed_with_an_example_or_warn():
     with pytest.warns(UserWarning, match="first-layer rule: torch.fx cannot trace Untraceable.*head.weight"):
         plan = plan_sparse_params(Untraceable())
     assert set(plan.dense) == {"head.weight"}  # registration order: the fallback is only a guess, said loudly
+    model, example = Untraceable(), torch.randn(2, 3, 8, 8)
+    rng = torch.get_rng_state()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plan = plan_sparse_params(Untraceable(), example_input=torch.randn(2, 3, 8, 8))
+        plan = plan_sparse_params(model, example_input=example)
     assert set(plan.dense) == {"stem_a.weight", "stem_b.weight"}
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe leaves the random state as it was
     assert "found by probe" in plan.dense["stem_b.weight"]
 
 

@@ -50,7 +50,8 @@ def call_model(model: nn.Module, example_input):
 
 
 class _Probe:
-    """Runs one example batch through the model in eval mode without gradients (no BatchNorm statistics change)."""
+    """Runs one example batch through the model in eval mode without gradients and with the random state restored
+    (no BatchNorm statistics or RNG change: training is the same with or without the probe)."""
 
     def __init__(self, model: nn.Module, example_input) -> None:
         self.model, self.example_input = model, example_input
@@ -59,7 +60,9 @@ class _Probe:
         was_training = self.model.training
         try:
             self.model.eval()
-            with torch.no_grad(), mode:
+            devices = sorted({t.device.index or 0 for t in tree_leaves(self.example_input)
+                              if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), mode:
                 call_model(self.model, self.example_input)
         finally:
             self.model.train(was_training)

@@ -69,6 +69,13 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     return so.HAM(base, o.ham_alpha, o.ham_beta, max_weight_norm=o.ham_max_weight_norm)
 
 
+def _example_inputs(data: DataBundle, device: torch.device) -> torch.Tensor:
+    """Two test inputs (as the pre-flight forward pass uses), leaving the test order where it was."""
+    x, _ = next(iter(data.test))
+    data.test.set_epoch(0)
+    return x[:2].to(device)
+
+
 def initial_masks(cfg: RunConfig, model: nn.Module, data: DataBundle) -> dict[str, torch.Tensor] | None:
     """Pruning-at-initialisation masks (SPEC 5) from the first training batches, or None for random masks."""
     s = cfg.sparsity
@@ -84,11 +91,14 @@ def initial_masks(cfg: RunConfig, model: nn.Module, data: DataBundle) -> dict[st
     batches = [(x.to(device), y.to(device)) for x, y in batches]
     return so.prune_at_init(model, s.density, s.initial_mask, data=batches, distribution=s.distribution,
                             scope=s.pai_scope, samples_per_class=s.grasp_samples_per_class, exclude=s.exclude,
-                            prune_first_layer=s.prune_first_layer, prune_last_layer=s.prune_last_layer)
+                            prune_first_layer=s.prune_first_layer, prune_last_layer=s.prune_last_layer,
+                            example_input=batches[0][0][:2] if batches else None)
 
 
 def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 total_steps: int, masks: dict[str, torch.Tensor] | None = None) -> so.SparseTraining | None:
+                 total_steps: int, masks: dict[str, torch.Tensor] | None = None,
+                 example_input: torch.Tensor | None = None) -> so.SparseTraining | None:
+    """``example_input``: a few inputs, for the layer rules of models torch.fx cannot trace (user factories)."""
     s = cfg.sparsity
     if s.method == "dense":
         if cfg.sparseopt.enabled or s.initial_mask != "random":
@@ -116,7 +126,7 @@ def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
                              topology=topology, preconditioner=preconditioner,
                              init=None if s.init == "none" else s.init, seed=cfg.train.seed, masks=masks,
                              renormalize=None if p.renormalize == "none" else p.renormalize,
-                             constant_fan_in=s.constant_fan_in)
+                             constant_fan_in=s.constant_fan_in, example_input=example_input)
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
@@ -144,7 +154,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
                                         min_lr=cfg.optim.min_lr)
     try:
         masks = initial_masks(cfg, model, data) if cfg.sparsity.method != "dense" else None
-        sparse = build_sparse(cfg, model, optimizer, total_steps, masks)
+        sparse = build_sparse(cfg, model, optimizer, total_steps, masks, _example_inputs(data, device))
     except ValueError as err:  # the core's checks of the sparse set (exclude patterns, first/last layer rules)
         s = cfg.sparsity
         raise UserError(f"sparsity (method {s.method!r}, density {s.density:g}, initial_mask {s.initial_mask!r}, "

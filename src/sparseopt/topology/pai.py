@@ -43,6 +43,7 @@ def prune_at_init(
     module_types: Sequence[type[nn.Module]] | None = None,
     prune_first_layer: bool = False,
     prune_last_layer: bool = True,
+    example_input=None,
 ) -> dict[str, torch.Tensor]:
     """Masks ``{name: bool tensor}`` keeping a ``density`` fraction of the sparse set, chosen by ``method``.
 
@@ -55,7 +56,8 @@ def prune_at_init(
     ``scope="global"`` (default, the reference practice for all but random) keeps exactly ``floor(density · Σ N_l)``
     weights under one threshold; ``scope="layer"`` keeps per-layer counts from ``distribution`` (``"erk"`` or
     ``"uniform"``, as SparseTraining). Ties go to the lower flat index (layers in sparse-set order). ``generator`` drives ``"random"`` (default: a fresh generator seeded with 0; the global RNG
-    is never used). The sparse set is chosen as in :func:`sparseopt.masks.select_sparse_params`.
+    is never used). The sparse set is chosen as in :func:`sparseopt.masks.select_sparse_params` (``example_input``:
+    one batch, to find the layers reading the input in models torch.fx cannot trace).
     """
     density = check_density(density)
     if distribution not in DISTRIBUTIONS:
@@ -63,7 +65,8 @@ def prune_at_init(
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
     params = select_sparse_params(model, include=include, exclude=exclude, module_types=module_types,
-                                  prune_first_layer=prune_first_layer, prune_last_layer=prune_last_layer)
+                                  prune_first_layer=prune_first_layer, prune_last_layer=prune_last_layer,
+                                  example_input=example_input)
     scores = pai_scores(model, params, method, data=data, loss_fn=loss_fn, samples_per_class=samples_per_class,
                         temperature=temperature, generator=generator)
     if method == "random" or scope == "layer":
