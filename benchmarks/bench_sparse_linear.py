@@ -9,8 +9,8 @@ End to end: the BatchNorm MLP 4096-4096-4096-10 (Linear without bias, BatchNorm1
 (``prune_first_layer=True``, uniform density 0.05), batch 256, SGD(lr=0.1, momentum=0.9, weight_decay=5e-4),
 RigL(update_every=100)+SparseOpt; one timed step = ``zero_grad; CE(model(x), y).backward(); step``, non-update
 steps (step counter reset to 1 before each). Contenders: ``dense`` (no SparseTraining), ``masked`` (SparseTraining,
-masked-dense), ``sparse`` (``sparse_execution=True``; the 4096x10 head has 40,960 < 65,536 weights and stays
-masked-dense, as the warning says).
+masked-dense), ``sparse`` (``sparse_execution=True``; the 4096x10 head stays
+masked-dense: 40,960 < 1,048,576 weights, as the warning says).
 
 Interleaved repetitions, medians and paired ratios (benchmarks/common.py).
 Run:  .venv/bin/python benchmarks/bench_sparse_linear.py [--reps 5] [--threads 1] [--only layer|e2e]

@@ -11,7 +11,7 @@ from sparseopt.execution.training import ExecutionPolicy
 
 from helpers import batch, mlp
 
-EVERY_LAYER = ExecutionPolicy(max_density=1.0, min_numel=0)
+EVERY_LAYER = ExecutionPolicy(max_density=1.0, min_numel=0, min_batch=0)
 
 
 def twins(widths=(32, 64, 64, 10), density=0.2, topology=None, preconditioner=None, seed=0):
@@ -112,7 +112,7 @@ def test_resume_rebuilds_the_sparse_structure():
 def test_layers_below_break_even_stay_dense_with_a_warning_and_remove_restores_forward():
     model = mlp((32, 64, 64, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(UserWarning, match=r"masked-dense path: 3.weight \(4096 weights < 65536"):
+    with pytest.warns(UserWarning, match=r"masked-dense path: 3.weight \(4096 weights < 1048576"):
         sparse = so.SparseTraining(model, opt, density={"3.weight": 0.1, "6.weight": 0.5},
                                    sparse_execution=ExecutionPolicy(max_density=0.3))
     report = sparse.report()
@@ -125,6 +125,18 @@ def test_layers_below_break_even_stay_dense_with_a_warning_and_remove_restores_f
     assert "forward" in vars(model[3])
     sparse.remove()
     assert "forward" not in vars(model[3])
+
+
+def test_small_batches_run_the_masked_dense_product():
+    model = nn.Sequential(nn.Linear(64, 64, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    so.SparseTraining(model, opt, density=0.1, include=["*"],
+                      sparse_execution=ExecutionPolicy(max_density=1.0, min_numel=0, min_batch=8))
+    for rows, sparse in ((7, False), (8, True)):
+        x = torch.randn(rows, 64)
+        y = model(x)
+        assert ("SparseLinear" in type(y.grad_fn).__name__) == sparse, rows
+        torch.testing.assert_close(y, x @ model[0].weight.detach().t(), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_policy_is_refused():

@@ -15,28 +15,36 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from sparseopt.execution.kernels import csr_matmul_t, csr_tensor, sddmm
 
-#: Measured break-even (benchmarks/README, bench_sparse_linear.py): above this density dense kernels win.
-SPARSE_MAX_DENSITY = 0.2
-#: Below this many weights per layer the sparse kernels' fixed costs win over their savings.
-SPARSE_MIN_NUMEL = 1 << 16
+# Break-even measured with benchmarks/bench_sparse_linear.py (benchmarks/README): forward + backward of one layer,
+# 1 thread. Sparse won at density 0.05 and 0.02 from batch 64 on, lost at density 0.1 and above, and lost at batch 1.
+#: Above this density the dense kernels win (0.05 won, 0.1 lost on 1024², 4096², 16384x4096).
+SPARSE_MAX_DENSITY = 0.075
+#: Below this many weights per layer (the smallest measured, 1024²) the gain is not measured, so not claimed.
+SPARSE_MIN_NUMEL = 1 << 20
+#: A forward with fewer rows than this runs the masked-dense product (batch 1 lost on every measured shape).
+SPARSE_MIN_BATCH = 32
 
 
 @dataclass(frozen=True)
 class ExecutionPolicy:
     """Which sparse Linear layers run sparse kernels: density at most ``max_density`` and at least ``min_numel``
-    weights (the measured break-even); the others stay on the masked-dense path, named in a warning."""
+    weights (the measured break-even); the others stay on the masked-dense path, named in a warning. A forward of
+    fewer than ``min_batch`` rows (batch x leading dims) runs the masked-dense product, which computes the same."""
 
     max_density: float = SPARSE_MAX_DENSITY
     min_numel: int = SPARSE_MIN_NUMEL
+    min_batch: int = SPARSE_MIN_BATCH
 
     def __post_init__(self) -> None:
         if not 0.0 < self.max_density <= 1.0:
             raise ValueError(f"sparse_execution max_density must be in (0, 1], got {self.max_density!r}")
-        if self.min_numel < 0:
-            raise ValueError(f"sparse_execution min_numel must be >= 0, got {self.min_numel!r}")
+        if self.min_numel < 0 or self.min_batch < 0:
+            raise ValueError(f"sparse_execution min_numel and min_batch must be >= 0, got {self.min_numel!r} and "
+                             f"{self.min_batch!r}")
 
 
 class SparseLinearLayout:
@@ -156,6 +164,8 @@ class SparseExecution:
 
 def _sparse_forward(execution: SparseExecution, layout: SparseLinearLayout):
     def forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < execution.policy.min_batch * layout.in_features:
+            return F.linear(x, module.weight, module.bias)   # weights are zero off the mask: the same product
         return _SparseLinearFunction.apply(x, module.weight, module.bias, layout,
                                            torch.is_grad_enabled() and execution.dense_grad_needed())
     return forward
