@@ -14,6 +14,7 @@ masked-dense: 40,960 < 1,048,576 weights, as the warning says).
 
 Interleaved repetitions, medians and paired ratios (benchmarks/common.py).
 Run:  .venv/bin/python benchmarks/bench_sparse_linear.py [--reps 5] [--threads 1] [--only layer|e2e]
+          [--shapes 4096x4096 ...] [--densities 0.05 ...] [--batches 256 ...]
 Result: benchmarks/results/sparse_linear_t<threads>.json
 """
 
@@ -40,15 +41,15 @@ DENSITIES = [0.3, 0.2, 0.1, 0.05, 0.02]
 BATCHES = [1, 64, 256]
 
 
-def layer_rows(reps: int) -> list[dict]:
+def layer_rows(reps: int, shapes=SHAPES, densities=DENSITIES, batches=BATCHES) -> list[dict]:
     out = []
     g = torch.Generator().manual_seed(0)
-    for (o, i) in SHAPES:
-        for d in DENSITIES:
+    for (o, i) in shapes:
+        for d in densities:
             mask = torch.rand(o, i, generator=g) < d
             w = (torch.randn(o, i, generator=g) * mask).requires_grad_()
             layout = SparseLinearLayout(nn.Linear(i, o, bias=False), mask)
-            for b in BATCHES:
+            for b in batches:
                 x = torch.randn(b, i, generator=g).requires_grad_()
                 gy = torch.randn(b, o, generator=g)
 
@@ -127,12 +128,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", choices=["layer", "e2e"])
+    ap.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES], help="out x in, e.g. 4096x4096")
+    ap.add_argument("--densities", nargs="+", type=float, default=DENSITIES)
+    ap.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     args = ap.parse_args(argv)
     setup_torch(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.reps} reps")
     payload = {"threads": args.threads, "reps": args.reps}
     if args.only != "e2e":
-        payload["layers"] = layer_rows(args.reps)
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+        payload["layers"] = layer_rows(args.reps, shapes, args.densities, args.batches)
     if args.only != "layer":
         payload["end_to_end"] = e2e_rows(args.reps * 3)
     print(f"\nwrote {write_json(f'sparse_linear_t{args.threads}', payload)}")
