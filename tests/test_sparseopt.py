@@ -89,11 +89,13 @@ def test_step_uses_mask_times_factor_times_gradient():
     w = net[0].weight
     before = w.detach().clone()
     x, y = torch.randn(32, 10), torch.randint(0, 4, (32,))
-    nn.functional.cross_entropy(net(x), y).backward()
-    raw = w.grad.clone()
-    opt.step()
+    loss = nn.functional.cross_entropy(net(x), y)
+    (raw,) = torch.autograd.grad(loss, w, retain_graph=True)  # dense: backward() leaves the corrected .grad
+    loss.backward()
     k = mask.sum(1).double()
     c = torch.sqrt(k / k.mean()).float().unsqueeze(1)
+    assert torch.allclose(w.grad, c * mask * raw, atol=1e-7)  # what clipping between backward and step sees
+    opt.step()
     assert torch.allclose(before - w.detach(), c * mask * raw, atol=1e-7)
     assert torch.allclose(sparse.factors()["0.weight"].float(), c)
 
@@ -146,8 +148,9 @@ def test_rigl_regrows_from_the_chosen_gradient(regrow, monkeypatch):
 
     monkeypatch.setattr(topo, "grow_score", spy)
     x, y = torch.randn(32, 10), torch.randint(0, 4, (32,))
-    nn.functional.cross_entropy(net(x), y).backward()
-    raw = net[0].weight.grad.clone()
+    loss = nn.functional.cross_entropy(net(x), y)
+    (raw,) = torch.autograd.grad(loss, net[0].weight, retain_graph=True)  # dense, as RigL must see it
+    loss.backward()
     c = sparse.factors()["0.weight"].float()
     opt.step()
     expected = raw if regrow == "original" else raw * c

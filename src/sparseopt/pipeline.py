@@ -1,13 +1,16 @@
 """SparseTraining: masks, topology updates and preconditioning around the user's own optimizer.
 
-The per-step order of SPEC 10 lives here and only here. It runs inside ``optimizer.step()`` through the optimizer's
-official step hooks, so the user's loop (``loss.backward(); optimizer.step(); scheduler.step()``) does not change:
+The per-step order of SPEC 10 lives here and only here. The user's loop (``loss.backward(); optimizer.step();
+scheduler.step()``, a closure-style ``optimizer.step(closure)``, or a framework's) does not change:
 
-    before the step   1. on a mask-update step: drop/grow from the raw dense gradients, zero new weights and
-                         reset their optimizer state, update ITOP, recompute factors; by default skip this step
-                      2. otherwise: grad <- (mask * c) * grad       (masking and SparseOpt in one multiply)
-                         [optional renormalize: rescale all grads to the norm τ of the masked, uncorrected ones]
-    the user's optimizer step (SGD, Adam, AdamW, ... unchanged)
+    during backward   grad <- (mask * c) * grad as autograd accumulates it (masking and SparseOpt in one multiply,
+                      see :mod:`sparseopt.grad_hooks`), so clipping and logging between backward() and step() see
+                      the gradient that will be applied; on a mask-update step a dense copy is summed as well
+    once the step's gradient exists (in step(), after the closure if one is given)
+                      1. on a mask-update step: drop/grow from the dense gradients, zero new weights and reset
+                         their optimizer state, update ITOP, recompute factors; by default skip this step
+                      2. [optional renormalize: rescale all grads to the norm τ of the masked, uncorrected ones]
+    the user's optimizer step (SGD, Adam, AdamW, LBFGS, ... unchanged)
     after the step    3. weight <- weight * mask; step counter + 1
 """
 
@@ -25,6 +28,7 @@ from torch import nn
 from sparseopt.bn_scales import BatchNormScales
 from sparseopt.distributions import check_density, layer_nnz
 from sparseopt.execution.training import ExecutionPolicy, SparseExecution
+from sparseopt.grad_hooks import GradientMasking
 from sparseopt.graph import batchnorm_after
 from sparseopt.health import correction_ratio, layer_health
 from sparseopt.init import sparse_init_
@@ -34,8 +38,10 @@ from sparseopt.optim.decay import decoupled_groups, fold_coupled_weight_decay_, 
 from sparseopt.optim.renorm import RENORM_MODES, global_grad_norm, renormalize_
 from sparseopt.optim.sparseopt import SparseOpt
 from sparseopt.report import LayerReport, SparsityReport
+from sparseopt.resume import ConstructionBackup, shaped_state
 from sparseopt.selection import MaskChange, drop_and_grow_, drop_and_grow_per_neuron_
 from sparseopt.topology.base import Static, Topology
+from sparseopt.wrappers import canonical_name, match_names, unwrap_optimizer
 
 STATE_VERSION = 1
 _log = logging.getLogger("sparseopt")
@@ -45,8 +51,10 @@ class SparseTraining:
     """Sparsify ``model`` and keep it sparse while ``optimizer`` trains it.
 
     Args:
-        model: any ``nn.Module`` (DDP-wrapped too).
-        optimizer: any ``torch.optim.Optimizer`` holding the model's sparse weights.
+        model: any ``nn.Module`` (DDP-wrapped or ``torch.compile``-d too).
+        optimizer: any ``torch.optim.Optimizer`` holding the model's sparse weights (a wrapper holding one as
+            ``.optimizer``, like accelerate's ``AcceleratedOptimizer``, is unwrapped). Several optimizers on one
+            model get one SparseTraining each, their sparse sets split with ``include``/``exclude``.
         density: fraction of weights kept, for the whole sparse set (distributed by ``distribution``), or an explicit
             ``{parameter_name: density}`` map that also defines the sparse set.
         distribution: ``"erk"`` or ``"uniform"``; ``erk_power_scale`` p (0 gives uniform).
@@ -103,8 +111,7 @@ class SparseTraining:
         example_input=None,
         constant_fan_in: bool = False,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizer = unwrap_optimizer(optimizer)
         if renormalize is not None and renormalize not in RENORM_MODES:
             raise ValueError(f"unknown renormalize {renormalize!r}; choose None or one of {RENORM_MODES}")
         self.renormalize = renormalize
@@ -151,8 +158,13 @@ class SparseTraining:
         if self._fold_decay:
             self._check_decay_to_precondition()
         self._grad_scale: dict[str, torch.Tensor] = {}
+        self._row_factors: dict[str, torch.Tensor] = {}
         self._scratch_buf: torch.Tensor | None = None
         self._refresh_grad_scales()
+        self._canonical = {p.name: canonical_name(model, p.name) for p in self.params}
+        # Until the first step, keep what construction overwrites: state loaded before construction survives a
+        # later load_state_dict (resume in any order, see sparseopt.resume).
+        self._backup: ConstructionBackup | None = ConstructionBackup(self.params, optimizer)
         with torch.no_grad():
             for p in self.params:
                 if init is not None:
@@ -161,9 +173,14 @@ class SparseTraining:
                 p.param.mul_(self.masks[p.name])
                 # Inactive entries hold 0 in weights and optimizer state from here on, which lets mask updates
                 # touch only the entries that change.
-                for value in optimizer.state.get(p.param, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                        value.mul_(self.masks[p.name])
+                for value in shaped_state(optimizer, p).values():
+                    value.mul_(self.masks[p.name])
+        self._backup.seal(self.params, optimizer)
+        self._own_versions = self._weight_versions()
+        self._unverified_load: dict[str, int] = {}
+        self._closure_calls: list[int] | None = None
+        self._gradients = GradientMasking(self.params, self._grad_scale)
+        self._gradients.collect_dense = self._dense_grad_needed()
         self.execution = None
         if sparse_execution:
             policy = sparse_execution if isinstance(sparse_execution, ExecutionPolicy) else ExecutionPolicy()
@@ -195,9 +212,10 @@ class SparseTraining:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         missing = [p.name for p in self.params if id(p.param) not in held]
         if missing:
-            raise ValueError(f"the optimizer does not hold the sparse weights {missing}; build the optimizer from "
-                             "this model's parameters (e.g. torch.optim.SGD(model.parameters(), ...)) before "
-                             "creating SparseTraining")
+            raise ValueError(f"the optimizer does not hold the sparse weights {missing}; if they are frozen or "
+                             f"trained by another optimizer, leave them out with exclude={missing}; otherwise build "
+                             "the optimizer from this model's parameters (e.g. torch.optim.SGD(model.parameters(), "
+                             "...)) before creating SparseTraining")
 
     def _initial_masks(self, masks, device) -> dict[str, torch.Tensor]:
         if masks is None and self.constant_fan_in:
@@ -274,6 +292,7 @@ class SparseTraining:
         scoped = {n: self.masks[n] for n in self._precondition_names if n in changed or
                   self.preconditioner.mean_scope == "global"}
         factors = self.preconditioner.factors(scoped, self._sigmas(), out_axes=self.out_axes) if scoped else {}
+        self._row_factors.update(factors)
         for p in self.params:
             if p.name not in changed:
                 continue
@@ -301,61 +320,146 @@ class SparseTraining:
         return self.topology.needs_gradient and self.topology.is_update_step(self.step_count)
 
     # ---- the per-step pipeline ----------------------------------------------------------------------------
-    @torch.no_grad()
+    def _weight_versions(self) -> dict[str, int]:
+        return {p.name: p.param._version for p in self.params}
+
     def _before_step(self, optimizer, args, kwargs):
+        """Runs first in ``optimizer.step()``. A closure computes the gradient later, inside the step: wrap it so
+        the gradient work runs right after it (every call: LBFGS evaluates it several times per step)."""
         restore_weight_decay(self._folded_decay)  # a step that raised last time left it switched off
         self._folded_decay = []
-        if self._bn_scales is not None and self._bn_scales.update(self._distributed()):
+        self._check_loaded_weights()
+        self._backup = None  # training starts: from now on construction's changes are final
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer itself
+        if closure is None:
+            self._prepare_gradients(optimizer, first=True)
+            return None
+        calls = self._closure_calls = [0]
+
+        def closure_then_prepare():
+            loss = closure()
+            self._prepare_gradients(optimizer, first=calls[0] == 0)
+            calls[0] += 1
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_prepare}
+        return (args[0], closure_then_prepare, *args[2:]), kwargs
+
+    @torch.no_grad()
+    def _prepare_gradients(self, optimizer, first: bool) -> None:
+        """The gradient of this step exists: a ``.grad`` set by hand (not by backward) is masked here as the
+        hooks would have; then the mask update (once per step) and renormalisation."""
+        collect = self._gradients.collect_dense
+        dense, arrived = self._gradients.consume()
+        for p in self.params:
+            g = p.param.grad
+            if g is not None and p.name not in arrived:
+                if collect:
+                    dense[p.name] = g.clone()
+                g.mul_(self._grad_scale[p.name])
+        # BatchNorm-measured factors follow the forward of this step (inside the closure, if there is one)
+        if first and self._bn_scales is not None and self._bn_scales.update(self._distributed()):
             self._scales_stale = True
-        if self.topology.is_update_step(self.step_count):
-            self._update_masks()
+        if first and self.topology.is_update_step(self.step_count):
+            self._gradients.collect_dense = False
+            old_factors = dict(self._row_factors)
+            self._update_masks(dense)
             if self.topology.skip_step_on_update:
                 for group in optimizer.param_groups:
                     for p in group["params"]:
                         p.grad = None
-                return None
+                return
+            self._follow_new_scales(old_factors, masks_changed=True)
         if self._scales_stale:
+            old_factors = dict(self._row_factors)
             self._refresh_grad_scales(changed=set(self._bn_scales.batchnorms))
+            self._follow_new_scales(old_factors, masks_changed=False)
             self._scales_stale = False
         if self._fold_decay:
-            self._folded_decay = fold_coupled_weight_decay_(optimizer)
-        reference = self._masked_grad_norm(optimizer) if self.renormalize is not None else None
-        for p in self.params:
-            if p.param.grad is not None:
-                p.param.grad.mul_(self._grad_scale[p.name])
-        if reference is not None:
+            restore_weight_decay(self._folded_decay)  # a closure evaluated again: fold its gradient's decay too
+            self._folded_decay = fold_coupled_weight_decay_(optimizer, scales={id(p.param): self._grad_scale[p.name]
+                                                                             for p in self.params})
+        if self.renormalize is not None:
+            reference = self._masked_grad_norm(optimizer)
             renormalize_([p.grad for p in self._with_grad(optimizer)], reference, self.renormalize)
-        return None
+
+    def _follow_new_scales(self, old_factors: Mapping[str, torch.Tensor], masks_changed: bool) -> None:
+        """The gradient was scaled as backward accumulated it; when masks or factors change inside step() (a
+        mask update that is not skipped, BatchNorm-measured factors), apply the gradient the loop saw (clipped,
+        maybe) restricted to the new masks and rescaled row by row to the new factors. Newly grown weights get
+        their first gradient at the next step."""
+        for p in self.params:
+            g = p.param.grad
+            if g is None:
+                continue
+            if masks_changed:
+                g.mul_(self.masks[p.name])
+            old, new = old_factors.get(p.name), self._row_factors.get(p.name)
+            if old is not None and new is not None and new is not old:
+                g.mul_(torch.where(old > 0, new / old, torch.zeros_like(new)).to(g.dtype))
 
     @staticmethod
     def _with_grad(optimizer) -> list[nn.Parameter]:
         return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
     def _masked_grad_norm(self, optimizer) -> torch.Tensor:
-        """τ: global norm over all the optimizer's gradients, sparse ones masked, before SparseOpt scaling."""
-        masks = {id(p.param): self.masks[p.name] for p in self.params}
-        return global_grad_norm([p.grad * masks[id(p)] if id(p) in masks else p.grad
+        """τ: global norm over all the optimizer's gradients, sparse ones masked, before SparseOpt scaling (the
+        gradients hold mask * c * g by now: divide the factor out again)."""
+        inverse = {id(p.param): torch.where(c > 0, 1 / c, torch.zeros_like(c)).to(p.param.dtype)
+                   for p in self.params if (c := self._row_factors.get(p.name)) is not None}
+        return global_grad_norm([p.grad * inverse[id(p)] if id(p) in inverse else p.grad
                                  for p in self._with_grad(optimizer)])
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._closure_calls is not None and self._closure_calls[0] == 0:
+            warnings.warn(f"{type(optimizer).__name__}.step(closure) never called the closure at step "
+                          f"{self.step_count}: the gradient was neither masked nor preconditioned by SparseTraining",
+                          stacklevel=2)
+        self._closure_calls = None
         restore_weight_decay(self._folded_decay)
         self._folded_decay = []
         for p in self.params:
             p.param.mul_(self.masks[p.name])
         self.step_count += 1
+        self._own_versions = self._weight_versions()
+        self._gradients.collect_dense = self._dense_grad_needed()
 
-    def _grow_gradients(self) -> dict[str, torch.Tensor | None]:
-        grads = {p.name: p.param.grad for p in self.params}
+    def _grow_gradients(self, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The original dense gradients (averaged over ranks), or the SparseOpt-corrected ones if configured."""
+        grads = self._average_over_ranks(dense) if self._distributed() else dense
+        missing = [p.name for p in self.params if p.name not in grads]
+        if len(missing) == len(self.params):
+            raise RuntimeError(
+                f"{type(self.topology).__name__} needs the dense gradient at a mask-update step, but no sparse "
+                "weight has a gradient; call loss.backward() (or pass a closure that does) before optimizer.step()")
+        if missing:
+            warnings.warn(f"mask update at step {self.step_count}: the sparse weights {missing} have no gradient "
+                          "(not used in this step's forward?); their masks stay as they are at this update",
+                          stacklevel=4)
         if self.preconditioner is not None and self.preconditioner.regrow_gradient == "corrected":
             factors = self.factors()
-            grads = {n: g * factors[n].to(g.dtype) if (g is not None and n in factors) else g
-                     for n, g in grads.items()}
+            grads = {n: g * factors[n].to(g.dtype) if n in factors else g for n, g in grads.items()}
         return grads
 
-    def _update_masks(self) -> None:
+    def _average_over_ranks(self, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The hooks saw each rank's local gradient; RigL grows from the global one (what DDP's .grad holds)."""
+        device = self.params[0].param.device
+        present = torch.tensor([p.name in dense for p in self.params], dtype=torch.int32, device=device)
+        dist.all_reduce(present)
+        out, world = {}, dist.get_world_size()
+        for p, count in zip(self.params, present.tolist()):
+            if count:
+                g = dense.get(p.name)
+                g = torch.zeros_like(p.param) if g is None else g
+                dist.all_reduce(g)
+                out[p.name] = g.div_(world)
+        return out
+
+    def _update_masks(self, dense: dict[str, torch.Tensor]) -> None:
         t = self.step_count
-        grads = self._grow_gradients() if self.topology.needs_gradient else {}
+        grads = self._grow_gradients(dense) if self.topology.needs_gradient else {}
         distributed = self._distributed()
         old = {n: m.clone() for n, m in self.masks.items()} if distributed else {}
         changes: dict[str, MaskChange] = {}
@@ -364,7 +468,7 @@ class SparseTraining:
             units = p.shape[p.out_axis]
             nnz = self.target_nnz[p.name] // units if self.constant_fan_in else self.target_nnz[p.name]
             n = self.topology.drop_count(t, nnz)
-            if n == 0:
+            if n == 0 or (self.topology.needs_gradient and p.name not in grads):
                 continue
             mask, w, active = self.masks[p.name], p.param.detach(), self._active[p.name]
             drop = self.topology.drop_score(w, active, p.out_axis)
@@ -484,55 +588,96 @@ class SparseTraining:
                               dense=dict(self.dense_layers))
 
     def state_dict(self) -> dict:
+        """The sparse state, keyed by wrapper-independent names (no DDP ``module.``, no ``_orig_mod.``)."""
+        c = self._canonical
         return {
             "version": STATE_VERSION,
             "step": self.step_count,
             "generator": self.generator.get_state(),
-            "masks": {n: m.clone() for n, m in self.masks.items()},
-            "fired": {n: f.clone() for n, f in self.fired.items()},
-            "changed": dict(self.changed),
-            "target_nnz": dict(self.target_nnz),
-            "active": {n: a.clone() for n, a in self._active.items()},  # their order breaks ties: resume exactly
-            "bn_var": self._bn_scales.state_dict() if self._bn_scales is not None else {},
+            "masks": {c[n]: m.clone() for n, m in self.masks.items()},
+            "fired": {c[n]: f.clone() for n, f in self.fired.items()},
+            "changed": {c[n]: v for n, v in self.changed.items()},
+            "target_nnz": {c[n]: v for n, v in self.target_nnz.items()},
+            # their order breaks ties: resume exactly
+            "active": {c[n]: a.clone() for n, a in self._active.items()},
+            "bn_var": {c[n]: v for n, v in self._bn_scales.state_dict().items()} if self._bn_scales is not None
+            else {},
         }
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Continue a saved run. Before the first step it does not matter whether the model's and optimizer's
+        state were loaded before or after building SparseTraining (construction's changes are undone first);
+        after training started, load them too, before or after this call."""
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             raise ValueError("not a SparseTraining state dict of version "
                              f"{STATE_VERSION}; it was not saved by this sparseopt version's state_dict()")
-        expected = {p.name: p.shape for p in self.params}
-        if set(state["masks"]) != set(expected):
-            raise ValueError(f"state dict masks {sorted(state['masks'])} do not match this model's sparse "
-                             f"weights {sorted(expected)}; build SparseTraining with the same sparse-set options")
-        for name, shape in expected.items():
-            if state["masks"][name].shape != shape:
-                raise ValueError(f"saved mask for {name!r} has shape {tuple(state['masks'][name].shape)}, "
-                                 f"the weight has {tuple(shape)}")
+        saved_name = match_names(state["masks"], self._canonical.values())
+        key = {p.name: saved_name[self._canonical[p.name]] for p in self.params}
+        for p in self.params:
+            saved_shape = tuple(state["masks"][key[p.name]].shape)
+            if saved_shape != tuple(p.shape):
+                raise ValueError(f"saved mask for {p.name!r} has shape {saved_shape}, the weight has "
+                                 f"{tuple(p.shape)}")
         with torch.no_grad():
-            for name in expected:
-                self.masks[name].copy_(state["masks"][name])
-                self.fired[name].copy_(state["fired"][name])
+            if self._backup is not None:
+                self._backup.restore(self.params, self.optimizer)
+                self._backup = None
+            else:
+                self._expect_reloaded_weights({p.name: state["masks"][key[p.name]] for p in self.params})
             for p in self.params:
+                self.masks[p.name].copy_(state["masks"][key[p.name]])
+                self.fired[p.name].copy_(state["fired"][key[p.name]])
                 p.param.mul_(self.masks[p.name])
+                for value in shaped_state(self.optimizer, p).values():
+                    value.mul_(self.masks[p.name])
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
-        self.changed = dict(state["changed"])
-        self.target_nnz = dict(state["target_nnz"])
+        self.changed = {p.name: state["changed"][key[p.name]] for p in self.params}
+        self.target_nnz = {p.name: state["target_nnz"][key[p.name]] for p in self.params}
         self._reset_active()
         if self._bn_scales is not None:
-            self._bn_scales.load_state_dict(state.get("bn_var", {}))
-        for name, active in state.get("active", {}).items():
-            if name in self._active and active.shape == self._active[name].shape:
-                self._active[name] = active.to(self._active[name].device).clone()
+            saved_var = state.get("bn_var", {})
+            self._bn_scales.load_state_dict({p.name: saved_var[key[p.name]] for p in self.params
+                                             if key[p.name] in saved_var})
+        for p in self.params:
+            active = state.get("active", {}).get(key[p.name])
+            if active is not None and active.shape == self._active[p.name].shape:
+                self._active[p.name] = active.to(self._active[p.name].device).clone()
         self._refresh_grad_scales()
         if self.execution is not None:
             self.execution.rebuild(self.masks)
+        self._gradients.consume()
+        self._gradients.collect_dense = self._dense_grad_needed()
+        self._own_versions = self._weight_versions()
+        self._unverified_load = {n: v for n, v in self._own_versions.items() if n in self._unverified_load}
+
+    def _expect_reloaded_weights(self, saved_masks: Mapping[str, torch.Tensor]) -> None:
+        """After training started, weights that the saved masks keep active but this run's masks had zeroed are
+        gone unless the model's state is loaded too. Whether it is can only be known at the next step."""
+        self._unverified_load = {}
+        for p in self.params:
+            revived = saved_masks[p.name].to(self.masks[p.name].device) & ~self.masks[p.name]
+            if p.param._version == self._own_versions[p.name] and bool(revived.any()):
+                self._unverified_load[p.name] = -1
+
+    def _check_loaded_weights(self) -> None:
+        stale = [n for p in self.params if (n := p.name) in self._unverified_load
+                 and p.param._version == self._unverified_load[n]]
+        self._unverified_load = {}
+        if stale:
+            raise RuntimeError(
+                f"SparseTraining.load_state_dict() was called after training had started, and the weights {stale} "
+                "were not reloaded: entries the loaded masks keep active were zeroed by this run's masks and are "
+                "lost. Load the model's (and optimizer's) state_dict too, before or after "
+                "SparseTraining.load_state_dict(), or load all state before the first optimizer.step()")
 
     def remove(self) -> None:
-        """Detach from the optimizer (and restore the layers' own forward): later steps are plain dense steps."""
+        """Detach from the optimizer and from autograd (and restore the layers' own forward): later steps are
+        plain dense steps."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._gradients.remove()
         if self._bn_scales is not None:
             self._bn_scales.remove()
         if self.execution is not None:

@@ -13,6 +13,8 @@ that never enters the gradient; it is left unchanged, and :func:`decoupled_group
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 
@@ -27,11 +29,15 @@ def decoupled_groups(optimizer: torch.optim.Optimizer) -> list[int]:
 
 
 @torch.no_grad()
-def fold_coupled_weight_decay_(optimizer: torch.optim.Optimizer) -> list[tuple[dict, float]]:
-    """``grad ← grad + λW`` for every parameter with a gradient in a group with coupled decay λ ≠ 0, and set that
-    group's ``weight_decay`` to 0. Returns ``(group, λ)`` pairs for :func:`restore_weight_decay`.
+def fold_coupled_weight_decay_(optimizer: torch.optim.Optimizer,
+                               scales: Mapping[int, torch.Tensor] | None = None) -> list[tuple[dict, float]]:
+    """``grad ← grad + λ·s⊙W`` for every parameter with a gradient in a group with coupled decay λ ≠ 0, and set
+    that group's ``weight_decay`` to 0. ``s`` is ``scales[id(param)]`` (SparseTraining's ``mask · c``: its
+    gradients are already multiplied, as backward accumulated them), 1 for parameters not in ``scales``. Returns
+    ``(group, λ)`` pairs for :func:`restore_weight_decay`.
 
     Under ``maximize=True`` optimizers negate the gradient before adding λW, so the folded term is ``−λW``."""
+    scales = scales or {}
     saved = []
     for group in optimizer.param_groups:
         decay = group.get("weight_decay", 0)
@@ -40,7 +46,8 @@ def fold_coupled_weight_decay_(optimizer: torch.optim.Optimizer) -> list[tuple[d
         alpha = -decay if group.get("maximize", False) else decay
         for p in group["params"]:
             if p.grad is not None:
-                p.grad.add_(p, alpha=alpha)
+                scale = scales.get(id(p))
+                p.grad.add_(p if scale is None else p * scale, alpha=alpha)
         saved.append((group, decay))
         group["weight_decay"] = 0.0
     return saved

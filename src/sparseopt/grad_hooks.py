@@ -1,0 +1,66 @@
+"""Mask and precondition each sparse gradient as autograd accumulates it, so that whatever runs between
+``backward()`` and ``step()`` (gradient clipping, grad-norm logging, a framework's closure) sees the gradient that
+will be applied.
+
+The hook sits on the weight's ``AccumulateGrad`` node, not on the tensor: it runs for ``loss.backward()`` only,
+never for ``torch.autograd.grad`` (Hessian products, pruning scores keep seeing dense gradients). It is one
+multiply by the cached ``mask * c``, linear, so it composes with gradient accumulation and with DDP's all-reduce
+(which reads the accumulated ``.grad``). On a mask-update step it also sums a dense copy of the incoming gradients,
+the original gradient RigL grows from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from sparseopt.masks import SparseParam
+
+
+class GradientMasking:
+    """Owns the AccumulateGrad pre-hooks of the sparse weights; ``scales`` is read at every call, so updating
+    the cached tensors in place is enough when masks change."""
+
+    def __init__(self, params: Sequence[SparseParam], scales: Mapping[str, torch.Tensor]) -> None:
+        self.collect_dense = False
+        #: names whose ``.grad`` arrived through ``backward()`` (already transformed) since the last step
+        self.arrived: set[str] = set()
+        #: dense (unmasked) gradients summed over this step's backward passes, while ``collect_dense``
+        self.dense: dict[str, torch.Tensor] = {}
+        self._nodes, self._handles = [], []
+        for p in params:
+            node = torch.autograd.graph.get_gradient_edge(p.param).node
+            self._nodes.append(node)  # a weight's AccumulateGrad node lives only as long as someone holds it
+            self._handles.append(node.register_prehook(self._hook(p.name, p.param, scales)))
+
+    def _hook(self, name: str, param: torch.Tensor, scales: Mapping[str, torch.Tensor]) -> Callable:
+        def masked(grad_outputs):
+            (grad,) = grad_outputs
+            if grad is None:
+                return None
+            if self.collect_dense:
+                self._add_dense(name, param, grad)
+            self.arrived.add(name)
+            return (grad * scales[name],)
+        return masked
+
+    def _add_dense(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+        # A new accumulation starts when .grad was cleared (zero_grad, or a step GradScaler skipped for inf and
+        # zero_grad(set_to_none=False) zeroed); otherwise this backward adds to the step's earlier ones.
+        fresh = param.grad is None or name not in self.arrived or name not in self.dense or not param.grad.any()
+        if fresh:
+            self.dense[name] = grad.detach().clone()
+        else:
+            self.dense[name].add_(grad)
+
+    def consume(self) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """This step's dense gradients and the names whose gradient came through backward(); then a fresh start."""
+        dense, arrived = self.dense, self.arrived
+        self.dense, self.arrived = {}, set()
+        return dense, arrived
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._nodes = [], []
