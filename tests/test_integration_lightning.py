@@ -154,8 +154,6 @@ def plain_loop(module, steps):
     return sparse
 
 
-@pytest.mark.xfail(strict=True, reason="needs i9-core: closure-style optimizer.step(closure) (Lightning computes the "
-                                       "gradient inside step(), after the library's pre-step hook)")
 def test_default_loop_equals_the_same_training_in_a_plain_loop(uninterrupted):
     _, full_module, _, full_cb = uninterrupted
     module = Classifier()
@@ -196,8 +194,6 @@ class UpdateNorms(pl.Callback):
         self._before = None
 
 
-@pytest.mark.xfail(strict=True, reason="needs i9-core: masking at backward time, so Lightning's gradient_clip_val "
-                                       "(inside the closure, before the update) sees the masked+preconditioned gradient")
 def test_gradient_clip_val_bounds_the_applied_update(tmp_path):
     cb = SparseTrainingCallback(**sparse_options())
     probe = UpdateNorms(cb)

@@ -182,8 +182,6 @@ class AppliedGradNorm(TrainerCallback):
         inner.register_step_pre_hook(record)
 
 
-@pytest.mark.xfail(strict=True, reason="needs i9-core: masking at backward time, so the Trainer's clip_grad_norm_ "
-                                       "(before optimizer.step()) sees the masked+preconditioned gradient")
 def test_max_grad_norm_clips_and_logs_the_applied_gradient(tmp_path):
     cb = sparse_callback()
     probe = AppliedGradNorm(cb)
