@@ -78,8 +78,7 @@ class SparseTraining:
             ``nn.Linear`` layers with CSR kernels: forward, input gradient and an active-entries-only weight gradient;
             the dense weight gradient only on steps where the topology reads it. Layers below the measured
             break-even stay masked-dense (a warning names them; ``report()`` says which run sparse). The weights
-            stay dense parameters, so results equal the masked-dense path up to float rounding, but ``.grad`` is
-            zero at inactive entries except on mask-update steps.
+            stay dense parameters, so results equal the masked-dense path up to float rounding.
         constant_fan_in: every output unit of a layer gets the same fan-in k = round(nnz / rows) (so the layer's
             count becomes rows · k, the nearest multiple), and SET/RigL drop and regrow within each unit, so k_i
             never changes: BatchNorm sees no fan-in skew and SparseOpt's fan-in factor is exactly 1, the
