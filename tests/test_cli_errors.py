@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,7 @@ class Case:
     expect: list[str]                                   # substrings of stderr (the key, the value, the fix)
     files: dict[str, str | dict] = field(default_factory=dict)   # written before: text, or a config dict
     code: int = 2
+    damage: Callable[[Path], None] | None = None       # applied to the copied runs before the command
 
     def __repr__(self) -> str:
         return self.id
@@ -275,6 +277,8 @@ def with_runs(case: Case, runs: Path, root: Path) -> None:
     for name in ("done", "partial"):
         if any(name in arg for arg in case.argv):
             shutil.copytree(runs / name, root / name)
+    if case.damage is not None:
+        case.damage(root)
 
 
 ONLY = "a resumed run may change only train.epochs"
@@ -405,3 +409,71 @@ def test_grids_never_replace_a_run_of_another_config_without_being_told(runs, tm
     assert run_many([same], [str(tmp_path / "a")], reuse=True, workers=1, quiet=True) == {"new": 0, "partial": 0,
                                                                                           "done": 1}
     assert tree(tmp_path) == before
+
+
+# ---- diagnose and report: read-only commands never write into what they read ------------------------------------
+def no_checkpoints(root: Path) -> None:
+    shutil.rmtree(root / "done" / "checkpoints")
+
+
+def other_model(root: Path) -> None:
+    edit(root / "done" / "config.yaml", model__options={"hidden": [64], "norm": "batch"})
+
+
+def corrupt_checkpoint(root: Path) -> None:
+    (root / "done" / "checkpoints" / "ckpt-00000024.pt").write_bytes(b"garbage")
+
+
+def assorted_bad_runs(root: Path) -> None:
+    (root / "broken").mkdir()
+    (root / "broken" / "results.json").write_text("{not json")
+    (root / "foreign").mkdir()
+    (root / "foreign" / "results.json").write_text('{"accuracy": 0.5}')
+
+
+def a_copy(root: Path) -> None:
+    shutil.copytree(root / "done", root / "copy")
+
+
+READ_ONLY_CASES = [
+    Case("hessian-without-checkpoints", ["diagnose", "hessian", "done"], ["done has no checkpoint to analyse"],
+         damage=no_checkpoints),
+    Case("hessian-not-a-run", ["diagnose", "hessian", "nothing"], ["nothing is not a run folder (no config.yaml)"]),
+    Case("hessian-config-does-not-fit", ["diagnose", "hessian", "done", "--samples", "8"],
+         ["checkpoint done/checkpoints/ckpt-00000024.pt does not fit the model and optimizer that done/config.yaml"],
+         damage=other_model),
+    Case("hessian-corrupt-checkpoint", ["diagnose", "hessian", "done"], ["is corrupt or not a sparseopt checkpoint"],
+         damage=corrupt_checkpoint),
+    Case("hessian-k-zero", ["diagnose", "hessian", "done", "--k", "0"], ["--k: expected an integer >= 1, got 0"]),
+    Case("hessian-out-is-a-file", ["diagnose", "hessian", "done", "--out", "f"], ["output folder f exists and is a "
+                                                                                  "file"], {"f": "x"}),
+    Case("report-names-every-bad-folder", ["report", "missing", "partial", "broken", "foreign", "done"],
+         ["error: missing does not exist", "error: partial is not a finished run: partial/results.json is missing",
+          "error: cannot read run broken:", "error: foreign/results.json is not the results.json of a sparseopt run"],
+         damage=assorted_bad_runs),
+    Case("report-same-folder-twice", ["report", "done", "./done"], ["./done is given twice (also as done): it would count as two seeds"]),
+    Case("report-a-copied-run", ["report", "done", "copy"], ["copy and done are the same configuration and seed "
+                                                             "('tiny', seed 0)"], damage=a_copy),
+    Case("report-out-is-a-file", ["report", "done", "--out", "f"], ["output folder f exists and is a file"],
+         {"f": "x"}),
+    Case("report-target-out-of-range", ["report", "done", "--target", "90"], ["--target is an accuracy in (0, 1]"]),
+    Case("grad-ratio-zero-seeds", ["diagnose", "grad-ratio", "--seeds", "0"], ["--seeds: expected an integer >= 1"]),
+    Case("grad-ratio-out-under-a-file", ["diagnose", "grad-ratio", "--out", "f/x", "--seeds", "1"],
+         ["output folder f/x cannot be created: f is a file"], {"f": "x"}),
+    Case("coord-check-out-is-a-file", ["diagnose", "coord-check", "--out", "f"], ["output folder f exists"], {"f": "x"}),
+    Case("sweep-out-is-a-file", ["sweep", "--out", "f"], ["output folder f exists"], {"f": "x"}),
+    Case("demo-out-is-a-file", ["demo", "--out", "f"], ["output folder f exists"], {"f": "x"}),
+    Case("demo-zero-workers", ["demo", "--workers", "0"], ["--workers: expected an integer >= 1, got 0"]),
+    Case("reproduce-unknown-preset", ["reproduce", "paper000-tabel1"], ["unknown preset 'paper000-tabel1' (did you "
+                                                                        "mean 'paper000-table1'?)"]),
+    Case("reproduce-out-is-a-file", ["reproduce", "paper000-table1", "--out", "f"], ["output folder f exists"],
+         {"f": "x"}),
+]
+
+
+@pytest.mark.parametrize("case", READ_ONLY_CASES, ids=repr)
+def test_diagnose_and_report_refuse_cleanly_and_write_nothing(case, runs, tmp_path, capsys, monkeypatch):
+    with_runs(case, runs, tmp_path)
+    err = check(case, tmp_path, capsys, monkeypatch)
+    if not any(":" in line and "expected an integer" in line for line in err.splitlines()):  # argparse usage
+        assert all(line.startswith("error: ") for line in err.splitlines()), err

@@ -23,9 +23,9 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="dense vs RigL vs RigL+SparseOpt at 95%% sparsity on embedded MNIST")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--seeds", type=int, default=5)
+    demo.add_argument("--seeds", type=_at_least(1), default=5)
     demo.add_argument("--epochs", type=_finite, default=20.0)
-    demo.add_argument("--workers", type=int, default=None, help="parallel runs (default: up to 2)")
+    demo.add_argument("--workers", type=_at_least(1), default=None, help="parallel runs (default: up to 2)")
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--quiet", action="store_true")
 
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     repro.add_argument("--out", default=None, help="default: runs/<preset>-<scale>")
     repro.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=None,
                        help="comma-separated seeds (default: the preset's)")
-    repro.add_argument("--workers", type=int, default=None, help="parallel runs (1 = in this process, for GPUs)")
+    repro.add_argument("--workers", type=_at_least(1), default=None, help="parallel runs (1 = in this process, for GPUs)")
     repro.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key in every run, e.g. --set data.root=/data")
     repro.add_argument("--dry-run", action="store_true", help="list the runs without training")
@@ -67,37 +67,51 @@ def _parser() -> argparse.ArgumentParser:
         dest="diagnostic", required=True)
     ratio = diagnose.add_parser("grad-ratio", help="BatchNorm gradient ratio vs 1/sqrt(1-s) on embedded MNIST")
     ratio.add_argument("--out", default="runs/grad-ratio")
-    ratio.add_argument("--seeds", type=int, default=10)
+    ratio.add_argument("--seeds", type=_at_least(1), default=10)
     ratio.add_argument("--sparsities", type=_floats, default=[0.0, 0.5, 0.8, 0.9, 0.95, 0.98])
     ratio.add_argument("--norms", type=lambda s: s.split(","), default=["batch", "none", "layer"])
-    ratio.add_argument("--batches", type=int, default=100)
+    ratio.add_argument("--batches", type=_at_least(1), default=100)
     coord = diagnose.add_parser("coord-check", help="SP/muP/SuPar activation scales over width and density (GPT)")
     coord.add_argument("--out", default="runs/coord-check")
     coord.add_argument("--kinds", type=lambda s: s.split(","), default=["sp", "mup", "supar"])
     coord.add_argument("--widths", type=_ints, default=[32, 64, 128, 256])
     coord.add_argument("--densities", type=_floats, default=[1.0, 0.5, 0.25, 0.125, 0.0625])
-    coord.add_argument("--steps", type=int, default=5)
-    coord.add_argument("--seeds", type=int, default=2)
+    coord.add_argument("--steps", type=_at_least(1), default=5)
+    coord.add_argument("--seeds", type=_at_least(1), default=2)
     hess = diagnose.add_parser("hessian", help="top Hessian eigenvalues of a run vs the 2/lr stability bound")
     hess.add_argument("run", help="run folder (its latest checkpoint is analysed)")
     hess.add_argument("--out", default=None, help="default: the run folder")
-    hess.add_argument("--k", type=int, default=4)
-    hess.add_argument("--samples", type=int, default=1000, help="first N training examples (Cohen et al.: 5000)")
-    hess.add_argument("--trace-samples", type=int, default=0, help="Hutchinson probes for the trace (0 = off)")
+    hess.add_argument("--k", type=_at_least(1), default=4)
+    hess.add_argument("--samples", type=_at_least(1), default=1000, help="first N training examples (Cohen et al.: 5000)")
+    hess.add_argument("--trace-samples", type=_at_least(0), default=0, help="Hutchinson probes for the trace (0 = off)")
     sweep = sub.add_parser("sweep", help="learning-rate x density transfer sweep for SP and SuPar (GPT on text)")
     sweep.add_argument("--out", default="runs/sweep")
     sweep.add_argument("--kinds", type=lambda s: s.split(","), default=["sp", "supar"])
     sweep.add_argument("--lrs", type=_floats, default=[2.0 ** k for k in range(-10, -3)])
     sweep.add_argument("--densities", type=_floats, default=[1.0, 0.25, 0.0625])
     sweep.add_argument("--widths", type=_ints, default=None, help="default: the base width only")
-    sweep.add_argument("--base-width", type=int, default=64)
-    sweep.add_argument("--steps", type=int, default=100)
-    sweep.add_argument("--seeds", type=int, default=1)
-    sweep.add_argument("--workers", type=int, default=2)
+    sweep.add_argument("--base-width", type=_at_least(1), default=64)
+    sweep.add_argument("--steps", type=_at_least(1), default=100)
+    sweep.add_argument("--seeds", type=_at_least(1), default=1)
+    sweep.add_argument("--workers", type=_at_least(1), default=2)
     sweep.add_argument("--quiet", action="store_true", help="no line per finished training run")
     sweep.add_argument("--init-stds", type=_floats, default=None,
                        help="comma-separated base init stds σ to sweep too (default: the paper's σ per kind)")
     return parser
+
+
+def _at_least(least: int):
+    """argparse type: an integer >= ``least`` (seeds, steps, workers: 0 or less would silently do nothing)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+
+    return parse
 
 
 def _ints(text: str) -> list[int]:

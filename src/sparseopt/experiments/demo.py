@@ -10,6 +10,7 @@ from pathlib import Path
 from sparseopt.experiments.checkpoint import atomic_write
 from sparseopt.experiments.configio import to_dict
 from sparseopt.experiments.errors import UserError
+from sparseopt.experiments.preflight import check_output_folder
 from sparseopt.experiments.report import make_report
 from sparseopt.experiments.batch import run_many
 from sparseopt.experiments.schema import RunConfig
@@ -49,6 +50,7 @@ def run_demo(out: str | Path, *, seeds: int = 5, epochs: float = 20.0, workers: 
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
+    check_output_folder(out)
     if (out / "results.json").exists() and not overwrite:
         raise UserError(f"{out} already holds a demo (results.json); pass --overwrite to replace it")
     configs = demo_configs(list(range(seeds)), epochs)

@@ -14,6 +14,13 @@ def _write_json(path: Path, payload: dict) -> None:
         json.dump(payload, f, indent=2)
 
 
+def _check_out(out: str | Path) -> None:
+    """Fail before minutes of compute if the results could not be written."""
+    from sparseopt.experiments.preflight import check_output_folder
+
+    check_output_folder(Path(out))
+
+
 def grad_ratio(out: str | Path, *, seeds: int = 10, sparsities: list[float], norms: list[str],
                batches: int = 100) -> dict:
     """Paper 001 Fig. 2 on the embedded MNIST subset: measured gradient ratio vs 1/sqrt(1 - s)."""
@@ -25,6 +32,7 @@ def grad_ratio(out: str | Path, *, seeds: int = 10, sparsities: list[float], nor
     bad = [s for s in sparsities if not 0 <= s < 1]
     if bad:
         raise UserError(f"sparsities must be in [0, 1), got {bad}")
+    _check_out(out)
     x, y, _, _ = load_mnist_subset()
     result = gradient_ratio_experiment(x, y, sparsities, norms=tuple(norms), seeds=range(seeds), batches=batches)
     out = Path(out)
@@ -41,22 +49,36 @@ def hessian(run_dir: str | Path, out: str | Path | None = None, *, k: int = 4, s
 
     from sparseopt.diagnostics import sharpness_report
     from sparseopt.experiments.build import build_experiment
-    from sparseopt.experiments.checkpoint import CheckpointManager
+    from sparseopt.experiments.checkpoint import find_checkpoints, load_checkpoint
     from sparseopt.experiments.configio import from_dict, load_yaml
+    from sparseopt.experiments.preflight import check_output_folder
+    from sparseopt.experiments.runner import checkpoint_mismatch
     from sparseopt.experiments.schema import RunConfig
 
+    for name, value, least in (("--k", k, 1), ("--samples", samples, 1), ("--trace-samples", trace_samples, 0)):
+        if value < least:
+            raise UserError(f"{name} must be at least {least}, got {value}")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
+    checkpoints = find_checkpoints(run_dir / "checkpoints")  # reads only: never creates checkpoints/
+    if not checkpoints:
+        raise UserError(f"{run_dir} has no checkpoint to analyse (no {run_dir / 'checkpoints'}/ckpt-*.pt); "
+                        "train it first")
+    out = Path(out) if out is not None else run_dir
+    check_output_folder(out)
     cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"))
     exp = build_experiment(cfg)
-    state = CheckpointManager(run_dir / "checkpoints").load_latest(map_location=exp.device)
-    if state is None:
-        raise UserError(f"{run_dir} has no checkpoint to analyse")
-    exp.model.load_state_dict(state["model"])
-    exp.optimizer.load_state_dict(state["optimizer"])
-    if exp.sparse is not None:
-        exp.sparse.load_state_dict(state["sparse"])
+    state = load_checkpoint(checkpoints[-1], map_location=exp.device)
+    try:
+        exp.model.load_state_dict(state["model"])
+        exp.optimizer.load_state_dict(state["optimizer"])
+        if (state["sparse"] is None) != (exp.sparse is None):
+            raise ValueError("the checkpoint and the config disagree on whether the model is sparse")
+        if exp.sparse is not None:
+            exp.sparse.load_state_dict(state["sparse"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise checkpoint_mismatch(checkpoints[-1], run_dir / "config.yaml", err) from err
     loader = exp.data.train
     if not hasattr(loader, "x"):
         raise UserError("diagnose hessian needs an in-memory dataset (mnist, cifar, synthetic)")
@@ -71,7 +93,6 @@ def hessian(run_dir: str | Path, out: str | Path | None = None, *, k: int = 4, s
         physical_batch=physical_batch, trace_samples=trace_samples)
     result.update({"run": str(run_dir), "step": int(state["step"]), "samples": int(len(x)), "lr": group["lr"],
                    "torch": torch.__version__})
-    out = Path(out) if out is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "hessian.json", result)
     return result
@@ -82,6 +103,7 @@ def coord_check(out: str | Path, *, kinds: list[str], widths: list[int], densiti
     """Paper 004 Fig. 5: activation scales over width and density for SP, muP and SuPar on the byte-level GPT."""
     from sparseopt.experiments.coord_check import coord_check as run, plot_coord_check, spread
 
+    _check_out(out)
     result = run(kinds, widths, densities, steps=steps, seeds=range(seeds))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +145,7 @@ def sweep(out: str | Path, *, kinds: list[str], lrs: list[float], densities: lis
         raise UserError(f"--densities must be in (0, 1], got {densities}")
     if init_stds is not None and (not init_stds or any(not (s > 0 and math.isfinite(s)) for s in init_stds)):
         raise UserError(f"--init-stds must be positive init standard deviations, got {init_stds}")
+    _check_out(out)
     kwargs = dict(lrs=lrs, densities=densities, widths=widths, base_width=base_width, steps=steps,
                   seeds=tuple(range(seeds)), last=min(20, steps), init_stds=init_stds,
                   verbose=not quiet)  # one line per finished training run: a sweep takes minutes

@@ -21,6 +21,7 @@ from sparseopt.experiments.checkpoint import atomic_write
 from sparseopt.experiments.configio import apply_overrides, from_dict, load_yaml, merge
 from sparseopt.experiments.distributed import init_from_env
 from sparseopt.experiments.errors import UserError
+from sparseopt.experiments.preflight import check_output_folder
 from sparseopt.experiments.report import make_report
 from sparseopt.experiments.schema import RunConfig
 
@@ -122,6 +123,7 @@ def reproduce(name: str, out: str | Path, *, scale: str = "laptop", seeds: list[
     if dry_run:
         return {"preset": name, "runs": [{"name": c.name, "seed": c.train.seed, "dir": d}
                                          for c, d in zip(configs, run_dirs)]}
+    check_output_folder(out)
     workers = 1 if ranks.enabled else workers or spec.workers
     counts = run_many(configs, run_dirs, workers=workers, quiet=quiet or not ranks.is_main, desc=name,
                       reuse=not fresh, overwrite=fresh)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sparseopt.experiments.checkpoint import atomic_write
 from sparseopt.experiments.errors import UserError
+from sparseopt.experiments.preflight import check_output_folder
 from sparseopt.experiments.report_eos import plot_itop, plot_sharpness
 from sparseopt.experiments.report_health import plot_health
 from sparseopt.experiments.runlog import read_jsonl
@@ -29,15 +30,46 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     results_file = path / "results.json"
     if not results_file.is_file():
-        raise UserError(f"{path} is not a finished run: {results_file} is missing (train it first, or --resume it)")
+        what = "does not exist" if not path.exists() else f"is not a finished run: {results_file} is missing"
+        raise UserError(f"{path} {what} (train it first, or --resume it)")
     try:
         results = json.loads(results_file.read_text())
         rows = read_jsonl(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
-    except (json.JSONDecodeError, ValueError) as err:
-        raise UserError(f"cannot read run {path}: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"cannot read run {path}: {str(err).splitlines()[0]}") from err
+    missing = [k for k in ("name", "seed", "final", "best", "config", "wall_time") if k not in results] \
+        if isinstance(results, dict) else ["name"]
+    if missing:
+        raise UserError(f"{results_file} is not the results.json of a sparseopt run (no {', '.join(missing)})")
     train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train"]
     test = [(r["step"], r["accuracy"]) for r in rows if r.get("split") == "test"]
     return Run(path, results["name"], results["seed"], results, train, test)
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    """Every run, or one UserError naming every folder that cannot be reported (one line each)."""
+    runs, errors, seen = [], [], {}
+    for p in paths:
+        resolved = Path(p).resolve()
+        if resolved in seen:
+            also = f" (also as {seen[resolved]})" if str(seen[resolved]) != str(p) else ""
+            errors.append(f"{p} is given twice{also}: it would count as two seeds")
+            continue
+        seen[resolved] = p
+        try:
+            runs.append(load_run(p))
+        except UserError as err:
+            errors.append(str(err))
+    same = {}
+    for run in runs:  # copies of one run pooled as two seeds would fake a smaller spread
+        key = (_without_seed(run.results["config"]), run.seed)
+        if key in same:
+            errors.append(f"{run.path} and {same[key].path} are the same configuration and seed "
+                          f"({run.name!r}, seed {run.seed}): pooling them would count one seed twice")
+        same.setdefault(key, run)
+    if errors:
+        raise UserError("\n".join(errors))
+    return runs
 
 
 def _without_seed(config: dict) -> str:
@@ -162,11 +194,12 @@ def make_report(run_dirs: list[str | Path], out_dir: str | Path, target: float =
         return make_sweep_report(run_dirs, out_dir)
     if not 0 < target <= 1:
         raise UserError(f"--target is an accuracy in (0, 1], got {target}")
-    runs = [load_run(p) for p in run_dirs]
+    runs = load_runs(run_dirs)
     groups = group_runs(runs)
     rows = summarize(groups, target)
     table = markdown_table(rows, target)
     out_dir = Path(out_dir)
+    check_output_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(groups, out_dir)
     plots += [p for p in (plot_sharpness(groups, out_dir), plot_itop(groups, out_dir), plot_health(groups, out_dir))

@@ -44,7 +44,7 @@ RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "results.json")
 def checkpoint_mismatch(checkpoint: Path | None, config: Path, err: Exception) -> UserError:
     """One line for a checkpoint whose tensors do not fit the model its folder's config builds."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    detail = "; ".join(lines[:2]) if lines else type(err).__name__
+    detail = " ".join(lines[:2]) if lines else type(err).__name__
     if len(detail) > 300:
         detail = detail[:297] + "..."
     return UserError(f"checkpoint {checkpoint} does not fit the model and optimizer that {config} builds "
