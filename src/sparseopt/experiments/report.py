@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import statistics
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from sparseopt.experiments.checkpoint import atomic_write
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.preflight import check_output_folder
+from sparseopt.experiments.preflight import ConfigWarning, check_output_folder
 from sparseopt.experiments.report_eos import plot_itop, plot_sharpness
 from sparseopt.experiments.report_health import plot_health
 from sparseopt.experiments.runlog import read_jsonl
@@ -60,13 +61,19 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
             runs.append(load_run(p))
         except UserError as err:
             errors.append(str(err))
-    same = {}
+    copies, same_training = {}, {}
     for run in runs:  # copies of one run pooled as two seeds would fake a smaller spread
-        key = (_without_seed(run.results["config"]), run.seed)
-        if key in same:
-            errors.append(f"{run.path} and {same[key].path} are the same configuration and seed "
+        key = (json.dumps(run.results["config"], sort_keys=True), run.seed)
+        if key in copies:
+            errors.append(f"{run.path} and {copies[key].path} are the same configuration and seed "
                           f"({run.name!r}, seed {run.seed}): pooling them would count one seed twice")
-        same.setdefault(key, run)
+            continue
+        copies[key] = run
+        twin = same_training.setdefault((_without_seed(run.results["config"]), run.seed), run)
+        if twin is not run:  # e.g. one run with diagnostics, one without: the same training, pooled
+            warnings.warn(f"{run.path} and {twin.path} train the same configuration with the same seed "
+                          f"({run.name!r}, seed {run.seed}; they differ only in logging/diagnostics): they are "
+                          "pooled as two seeds", ConfigWarning, stacklevel=2)
     if errors:
         raise UserError("\n".join(errors))
     return runs
