@@ -58,6 +58,7 @@ def test_user_registered_layout_drives_factors_and_fan_in():
                                preconditioner=so.SparseOpt())
     k = torch.tensor([8.0, 0, 4, 4, 4], dtype=torch.float64)
     assert torch.allclose(sparse.factors()["2.weight"], torch.sqrt(k / k.mean()).view(1, 5))
+    assert sparse.dense_layers == {"0.weight": "Linear is not in module_types"}
     row = sparse.report().layers[0]
     assert row.zero_fanin == 1 and row.neurons == 5  # along axis 0 there would be 8 units and none dead
 
@@ -136,6 +137,9 @@ def test_embeddings_and_tied_heads_stay_dense_unless_asked():
     with pytest.warns(UserWarning, match="out.weight is made sparse although it is tied to emb"):
         plan = plan_sparse_params(TiedLM(), include=["*"])
     assert [p.name for p in plan.sparse] == ["mid.weight", "out.weight"]
+    model = TiedLM()
+    sparse = so.SparseTraining(model, torch.optim.SGD(model.parameters(), lr=0.1), {"mid.weight": 0.5})
+    assert sparse.dense_layers == {"out.weight": "not in the density map"}
 
 
 # ---- SparseOpt scopes -----------------------------------------------------------------------------------------
@@ -313,3 +317,19 @@ def test_gpt2_example_runs(capsys):
     example["main"](steps=3)
     printed = capsys.readouterr().out
     assert "left dense: lm_head.weight (tied to transformer.wte" in printed and "factors (1, 256)" in printed
+
+
+def test_hf_resnet_stem_and_batchnorm_layers_found_by_probing():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    model = transformers.ResNetForImageClassification(config)  # torch.fx cannot trace it
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparse = so.SparseTraining(model, opt, 0.3, preconditioner=so.SparseOpt(scope="bn_followed"),
+                                   example_input=torch.randn(2, 3, 32, 32))
+    stem = "resnet.embedder.embedder.convolution.weight"
+    convs = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert set(sparse.dense_layers) == {stem} and "found by probe" in sparse.dense_layers[stem]
+    assert set(sparse.factors()) == convs - {stem}  # every conv of HF ResNet feeds a BatchNorm2d

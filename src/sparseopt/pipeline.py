@@ -201,7 +201,9 @@ class SparseTraining:
                 raise ValueError("the density map is empty; give at least one {parameter_name: density}")
             for name, d in density.items():
                 check_density(d, f"density of {name}")
-            return plan_sparse_params(model, include=[glob_escape(n) for n in density], module_types=module_types)
+            plan = plan_sparse_params(model, include=[glob_escape(n) for n in density], module_types=module_types)
+            return SparsePlan(plan.sparse, {n: "not in the density map" if why == "not matched by include" else why
+                                            for n, why in plan.dense.items()})
         check_density(density)
         return plan_sparse_params(model, include=include, exclude=exclude, module_types=module_types,
                                   prune_first_layer=prune_first_layer, prune_last_layer=prune_last_layer,
