@@ -1,7 +1,8 @@
 """ImageNet-style ``root/<split>/<class>/<image>`` datasets decoded with PIL on demand.
 
 Each sample's augmentation is drawn from a numpy Generator seeded by (seed, epoch, index), so results are
-reproducible regardless of DataLoader worker count or resume point.
+reproducible regardless of DataLoader worker count or resume point. The index may carry its epoch,
+``dataset[(epoch, index)]``, which is how ``DatasetLoader``'s persistent workers learn the epoch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class ImageFolderDataset(Dataset):
 
     Pass the training split's ``classes`` when building the validation split so both share one label map.
     """
+
+    takes_epoch_index = True  # DatasetLoader may pass (epoch, index) keys
 
     def __init__(
         self,
@@ -55,9 +58,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         path, label = self.samples[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         try:
             with Image.open(path) as img:
                 x = self.transform(img.convert("RGB"), rng)

@@ -3,27 +3,25 @@
 They follow torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` (train) and ``Resize`` +
 ``CenterCrop`` (eval) algorithms, but take an explicit numpy ``Generator`` so each sample's randomness can
 be seeded by (seed, epoch, index) instead of hidden global state.
+
+They return uint8 ``(3, H, W)`` tensors: a quarter of float32's bytes through the worker queues, the pinned
+buffers and the host-to-device copy; per-channel normalisation runs on the batch, on the device
+(``DatasetLoader(normalize=...)``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
 
-
-def to_normalized_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB PIL image -> float32 (3, H, W) tensor, scaled to [0, 1] then normalized per channel."""
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, H, W) tensor (contiguous, as DataLoader collation wants)."""
     array = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return (x - mean_t) / std_t
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
 def random_resized_crop_box(
@@ -57,17 +55,15 @@ def random_resized_crop_box(
 
 
 class TrainTransform:
-    """RandomResizedCrop(crop_size, scale, ratio) + horizontal flip (p=0.5) + normalize."""
+    """RandomResizedCrop(crop_size, scale, ratio) + horizontal flip (p=0.5), as uint8."""
 
     def __init__(
         self,
         crop_size: int = 224,
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        self.crop_size, self.scale, self.ratio, self.mean, self.std = crop_size, scale, ratio, mean, std
+        self.crop_size, self.scale, self.ratio = crop_size, scale, ratio
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         left, top, w, h = random_resized_crop_box(img.width, img.height, rng, self.scale, self.ratio)
@@ -75,23 +71,17 @@ class TrainTransform:
         out = img.resize((self.crop_size, self.crop_size), Image.Resampling.BILINEAR, box=box)
         if rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_normalized_tensor(out, self.mean, self.std)
+        return to_uint8_tensor(out)
 
 
 class EvalTransform:
-    """Resize the shorter side to ``resize_size``, center-crop ``crop_size``, normalize. Deterministic."""
+    """Resize the shorter side to ``resize_size``, center-crop ``crop_size``, as uint8. Deterministic."""
 
-    def __init__(
-        self,
-        crop_size: int = 224,
-        resize_size: int | None = None,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
+    def __init__(self, crop_size: int = 224, resize_size: int | None = None) -> None:
         self.resize_size = resize_size if resize_size is not None else round(crop_size * 256 / 224)
         if self.resize_size < crop_size:
             raise ValueError(f"resize_size {self.resize_size} is smaller than crop_size {crop_size}")
-        self.crop_size, self.mean, self.std = crop_size, mean, std
+        self.crop_size = crop_size
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         w, h = img.size
@@ -101,4 +91,4 @@ class EvalTransform:
         left = int(round((img.width - self.crop_size) / 2.0))
         top = int(round((img.height - self.crop_size) / 2.0))
         img = img.crop((left, top, left + self.crop_size, top + self.crop_size))
-        return to_normalized_tensor(img, self.mean, self.std)
+        return to_uint8_tensor(img)

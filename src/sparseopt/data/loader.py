@@ -5,6 +5,11 @@ Epoch ``e``'s batch order depends only on ``(seed, e)`` and augmentation randomn
 uninterrupted run would have seen. ``InMemoryLoader`` indexes whole tensors (no per-sample Python);
 ``DatasetLoader`` wraps a map-style ``Dataset`` in a regular ``torch.utils.data.DataLoader`` for
 decoded-from-disk data such as ImageNet folders.
+
+``to(device)`` makes a loader yield batches on that device, normalised there: an in-memory dataset moves to the
+device whole (CIFAR: 180 MB as uint8) and is indexed, cropped, flipped and normalised there; a disk dataset's
+workers return uint8 images, pinned, copied without blocking and normalised on the device. Random draws stay on
+the CPU generators, so the batches do not depend on the device.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class _ResumableLoader:
         self.seed, self.drop_last = seed, drop_last
         self._epoch, self._position, self._resume_at = 0, 0, 0
         self._rank, self._world = 0, 1
+        self.device = torch.device("cpu")
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
@@ -69,6 +75,11 @@ class _ResumableLoader:
             raise ValueError(f"rank {rank} is outside a world of {world} processes")
         self._rank, self._world = rank, world
 
+    def to(self, device: torch.device | str) -> _ResumableLoader:
+        """Yield batches on ``device`` from now on (see the module docstring); returns self."""
+        self.device = torch.device(device)
+        return self
+
     def _order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n)
@@ -93,7 +104,8 @@ class InMemoryLoader(_ResumableLoader):
     """Batches from in-memory tensors by permutation indexing, with optional batched augment/normalize.
 
     ``augment(batch, generator=g)`` runs on the raw (e.g. uint8) batch with a generator seeded from
-    ``(seed, epoch, batch index)``; ``normalize(batch)`` runs after it and usually yields float32.
+    ``(seed, epoch, batch index)``; ``normalize(batch)`` runs after it and usually yields float32. Both run on
+    the loader's device (the CPU generator only draws the random numbers).
     """
 
     def __init__(
@@ -113,8 +125,14 @@ class InMemoryLoader(_ResumableLoader):
         self.x, self.y = x, y
         self.augment, self.normalize = augment, normalize
 
+    def to(self, device: torch.device | str) -> InMemoryLoader:
+        super().to(device)
+        self.x, self.y = self.x.to(self.device), self.y.to(self.device)
+        return self
+
     def _produce(self, epoch: int, start: int, index_batches: list[torch.Tensor]) -> Iterator[Batch]:
         for b, idx in enumerate(index_batches, start):
+            idx = idx.to(self.device, non_blocking=True)  # a staged copy: the host does not wait for the device
             xb = self.x[idx]
             if self.augment is not None:
                 xb = self.augment(xb, generator=torch_generator(self.seed, _AUGMENT_STREAM, epoch, b))
@@ -126,8 +144,11 @@ class InMemoryLoader(_ResumableLoader):
 class DatasetLoader(_ResumableLoader):
     """A seeded, resumable front for ``torch.utils.data.DataLoader`` over a map-style dataset.
 
-    If the dataset has ``set_epoch(epoch)`` it is called before each epoch so per-sample augmentation can be
-    seeded by (seed, epoch, index); workers are started per epoch and therefore see the current epoch.
+    One DataLoader serves every epoch, so with workers they persist (processes and the dataset's open state)
+    across epochs, prefetching ``prefetch_factor`` batches each. Every index the workers receive is an
+    ``(epoch, index)`` pair, so a dataset seeding per-sample augmentation by (seed, epoch, index) needs no
+    ``set_epoch`` in its worker copies (datasets taking plain indices get ``set_epoch`` and plain indices). On a
+    CUDA device the batches are pinned by the DataLoader, copied with ``non_blocking`` and ``normalize``d there.
     """
 
     def __init__(
@@ -138,17 +159,57 @@ class DatasetLoader(_ResumableLoader):
         seed: int = 0,
         drop_last: bool = False,
         num_workers: int = 0,
+        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        prefetch_factor: int | None = None,
         **dataloader_kwargs: Any,
     ) -> None:
         super().__init__(len(dataset), batch_size, shuffle, seed, drop_last)  # type: ignore[arg-type]
-        self.dataset, self.num_workers = dataset, num_workers
+        if prefetch_factor is not None and num_workers == 0:
+            raise ValueError("prefetch_factor needs num_workers > 0 (with no workers nothing is prefetched)")
+        self.dataset, self.num_workers, self.normalize = dataset, num_workers, normalize
+        self.prefetch_factor = prefetch_factor
         self.dataloader_kwargs = dataloader_kwargs
+        self._batches = _EpochBatches(getattr(dataset, "takes_epoch_index", False))
+        self._loader: DataLoader | None = None
+
+    def to(self, device: torch.device | str) -> DatasetLoader:
+        super().to(device)
+        self._loader = None  # pinning depends on the device: a new DataLoader on the next iteration
+        return self
+
+    def _dataloader(self) -> DataLoader:
+        if self._loader is None:
+            workers = self.num_workers > 0
+            self._loader = DataLoader(self.dataset, batch_sampler=self._batches, num_workers=self.num_workers,
+                                      pin_memory=self.device.type == "cuda", persistent_workers=workers,
+                                      prefetch_factor=self.prefetch_factor if workers else None,
+                                      **self.dataloader_kwargs)
+        return self._loader
 
     def _produce(self, epoch: int, start: int, index_batches: list[torch.Tensor]) -> Iterator[Batch]:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
         if not index_batches:
-            return iter(())
-        batches = [idx.tolist() for idx in index_batches]
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers, **self.dataloader_kwargs)
-        return iter(loader)
+            return
+        if not self._batches.with_epoch and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+            self._loader = None  # worker copies of the dataset must see the new epoch
+        self._batches.epoch, self._batches.batches = epoch, [idx.tolist() for idx in index_batches]
+        for x, y in self._dataloader():
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield (self.normalize(x) if self.normalize is not None else x), y
+
+
+class _EpochBatches:
+    """The batch sampler of a DatasetLoader: the current epoch's index batches, as ``(epoch, index)`` pairs for
+    datasets that take them (``takes_epoch_index = True``)."""
+
+    def __init__(self, with_epoch: bool) -> None:
+        self.with_epoch, self.epoch, self.batches = with_epoch, 0, []
+
+    def __iter__(self) -> Iterator[list]:
+        if not self.with_epoch:
+            return iter(list(self.batches))
+        epoch = self.epoch
+        return iter([[(epoch, i) for i in batch] for batch in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)

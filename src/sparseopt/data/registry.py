@@ -15,7 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, Normalize, random_crop_flip
+from .augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Normalize,
+    random_crop_flip,
+)
 from .cifar import CIFAR_SPECS, load_cifar
 from .errors import DataError
 from .image_folder import ImageFolderDataset
@@ -93,6 +102,7 @@ def _imagenet(
     resize_size: int | None = None,
     scale: tuple[float, float] = (0.08, 1.0),
     num_workers: int = 4,
+    prefetch_factor: int = 4,
     seed: int = 0,
     drop_last: bool = False,
 ) -> DataBundle:
@@ -103,8 +113,14 @@ def _imagenet(
     val_set = ImageFolderDataset(
         os.path.join(root, "val"), EvalTransform(crop_size, resize_size), classes=train_set.classes, seed=seed
     )
-    train = DatasetLoader(train_set, batch_size, shuffle=True, seed=seed, drop_last=drop_last, num_workers=num_workers)
-    test = DatasetLoader(val_set, test_batch_size or batch_size, shuffle=False, num_workers=num_workers)
+    # workers decode to uint8; the loaders normalise on the training device; each worker keeps prefetch_factor
+    # batches in flight
+    prefetch = prefetch_factor if num_workers > 0 else None
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = DatasetLoader(train_set, batch_size, shuffle=True, seed=seed, drop_last=drop_last, num_workers=num_workers,
+                          normalize=normalize, prefetch_factor=prefetch)
+    test = DatasetLoader(val_set, test_batch_size or batch_size, shuffle=False, num_workers=num_workers,
+                         normalize=normalize, prefetch_factor=prefetch)
     return DataBundle("imagenet", train, test, len(train_set.classes), (3, crop_size, crop_size))
 
 

@@ -139,6 +139,8 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     preflight.check_model_options(cfg)
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg)
+    data.train.to(device)  # batches are made, augmented and normalised on the device
+    data.test.to(device)
     total_steps = max(1, math.ceil(cfg.train.epochs * len(data.train)))
     preflight.check_schedule(cfg, len(data.train), total_steps)
     try:
