@@ -98,13 +98,21 @@ def test_accelerate_optimizer_is_unwrapped():
     assert torch.all(net[3].weight[~sparse.masks["3.weight"]] == 0)
 
 
+def test_lightning_optimizer_is_unwrapped():
+    optimizer_module = pytest.importorskip("lightning.pytorch.core.optimizer")
+    net = mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sparse = so.SparseTraining(net, optimizer_module.LightningOptimizer(opt), 0.3)
+    assert sparse.optimizer is opt
+
+
 def test_something_that_is_no_optimizer_is_rejected_by_name():
     class Wrapper:
         def __init__(self, optimizer=None):
             self.optimizer = optimizer
 
     net = mlp()
-    with pytest.raises(TypeError, match="got Wrapper -> generator"):
+    with pytest.raises(TypeError, match="got Wrapper; pass the optimizer itself"):
         so.SparseTraining(net, Wrapper(net.parameters()), 0.3)
     with pytest.raises(TypeError, match="got Wrapper; pass the optimizer itself"):
         so.SparseTraining(net, Wrapper(), 0.3)
@@ -120,3 +128,19 @@ def test_hessian_style_autograd_grad_still_sees_dense_gradients():
     sparse.remove()  # after remove(), backward leaves .grad dense again
     nn.functional.cross_entropy(net(x), y).backward()
     assert torch.any(net[3].weight.grad[~sparse.masks["3.weight"]] != 0)
+
+
+def test_a_weight_frozen_at_construction_is_masked_and_hooked_once_unfrozen():
+    model = TwoBranches()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.branch.weight.requires_grad_(False)
+    sparse = so.SparseTraining(model, opt, 0.3)
+    step(model, opt, 0)
+    model.branch.weight.requires_grad_(True)    # unfrozen: this step's gradient is masked at step()
+    step(model, opt, 1)
+    mask = sparse.masks["branch.weight"]
+    assert torch.all(model.branch.weight[~mask] == 0)
+    opt.zero_grad()
+    x = torch.randn(8, 10, generator=torch.Generator().manual_seed(2))
+    model(x).sum().backward()                   # from the next step on, backward masks it as it accumulates
+    assert torch.all(model.branch.weight.grad[~mask] == 0)

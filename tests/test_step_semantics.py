@@ -211,3 +211,15 @@ def test_renormalize_exact_sets_the_applied_norm_from_backward_gradients():
         [torch.linalg.vector_norm(p.grad) for g in o.param_groups for p in g["params"]]))))
     plain_step(net, opt, 0)
     assert applied[0].item() == pytest.approx(tau.item(), rel=1e-5)
+
+
+def test_ham_with_a_closure_trains_exactly_as_the_plain_loop():
+    def run(step_fn):
+        net = mlp(widths=(10, 24, 24, 6))
+        opt = so.HAM(torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), alpha=20.0)
+        sparse = so.SparseTraining(net, opt, 0.3, topology=so.RigL(update_every=3, drop_fraction=0.5, end_step=30),
+                                   preconditioner=so.SparseOpt())
+        for step in range(8):
+            step_fn(net, opt, step)
+        return net, sparse
+    assert_same(run(plain_step), run(closure_step))

@@ -28,11 +28,19 @@ class GradientMasking:
         self.arrived: set[str] = set()
         #: dense (unmasked) gradients summed over this step's backward passes, while ``collect_dense``
         self.dense: dict[str, torch.Tensor] = {}
-        self._nodes, self._handles = [], []
-        for p in params:
+        self._params, self._scales = list(params), scales
+        self._nodes, self._handles = {}, []
+        self.attach()
+
+    def attach(self) -> None:
+        """Hook every weight that requires grad and has no hook yet (a frozen weight gets one once unfrozen; until
+        then, and for the step in which it is unfrozen, step() masks its gradient instead)."""
+        for p in self._params:
+            if p.name in self._nodes or not p.param.requires_grad:
+                continue
             node = torch.autograd.graph.get_gradient_edge(p.param).node
-            self._nodes.append(node)  # a weight's AccumulateGrad node lives only as long as someone holds it
-            self._handles.append(node.register_prehook(self._hook(p.name, p.param, scales)))
+            self._nodes[p.name] = node  # a weight's AccumulateGrad node lives only as long as someone holds it
+            self._handles.append(node.register_prehook(self._hook(p.name, p.param, self._scales)))
 
     def _hook(self, name: str, param: torch.Tensor, scales: Mapping[str, torch.Tensor]) -> Callable:
         def masked(grad_outputs):
@@ -63,4 +71,4 @@ class GradientMasking:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles, self._nodes = [], []
+        self._handles, self._nodes, self._params = [], {}, []

@@ -426,6 +426,7 @@ class SparseTraining:
         self.step_count += 1
         self._own_versions = self._weight_versions()
         self._gradients.collect_dense = self._dense_grad_needed()
+        self._gradients.attach()
 
     def _grow_gradients(self, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The original dense gradients (averaged over ranks), or the SparseOpt-corrected ones if configured."""

@@ -15,18 +15,20 @@ _PARALLEL_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The ``torch.optim.Optimizer`` that really steps: accelerate's ``AcceleratedOptimizer`` and Lightning's
-    ``LightningOptimizer`` hold it as ``.optimizer`` and lack the step-hook machinery themselves."""
-    seen = []
-    while not _has_step_hooks(optimizer):
-        seen.append(type(optimizer).__name__)
+    """The ``torch.optim.Optimizer`` that really steps. accelerate's ``AcceleratedOptimizer`` and Lightning's
+    ``LightningOptimizer`` hold it as ``.optimizer``; the first lacks the step-hook machinery, the second copies the
+    inner one's attributes once, so its ``state`` goes stale when the inner optimizer loads a state dict."""
+    outer = optimizer
+    for _ in range(8):
         inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer or len(seen) > 8:
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer (or a wrapper holding one as .optimizer, like "
-                f"accelerate's AcceleratedOptimizer), got {' -> '.join(seen)}; pass the optimizer itself, e.g. "
-                "torch.optim.SGD(model.parameters(), lr=0.1)")
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
         optimizer = inner
+    if not _has_step_hooks(optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer (or a wrapper holding one as .optimizer, like "
+            f"accelerate's AcceleratedOptimizer), got {type(outer).__name__}; pass the optimizer itself, e.g. "
+            "torch.optim.SGD(model.parameters(), lr=0.1)")
     return optimizer
 
 
