@@ -36,3 +36,8 @@ def needs_width(num_classes, in_shape, width):
 def one_class_too_many(num_classes, in_shape):
     """A factory whose classifier does not match the data's class count."""
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), num_classes + 1))
+
+
+def raises_a_bug(num_classes, in_shape):
+    """A factory with a bug of its own (not a config mistake): the CLI must say so in one line, exit 1."""
+    return {}["no such key"]

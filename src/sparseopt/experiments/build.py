@@ -51,18 +51,25 @@ def build_data(cfg: RunConfig) -> DataBundle:
     preflight.check_data_options(cfg, data_settings(cfg))
     accepted = dataset_options(d.name)
     options = {k: v for k, v in data_settings(cfg).items() if k in accepted}
-    return build_datasets(d.name, d.root, **options, **d.options)
+    try:
+        return build_datasets(d.name, d.root, **options, **d.options)
+    except TypeError as err:  # a value of the wrong kind in data.options (e.g. shape: abc)
+        raise UserError(f"data.options {d.options} do not fit data.name {d.name!r}: "
+                        f"{(str(err).splitlines() or ['TypeError'])[0]}") from err
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     lr = o.lr * cfg.data.batch_size / 256 if o.scale_lr_by_batch else o.lr
     if o.name == "sgd":
+        if o.nesterov and o.momentum == 0:
+            raise UserError("optim.nesterov: true needs optim.momentum above 0 (it is 0); set a momentum such as "
+                            "0.9, or nesterov: false")
         base = torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay)
     else:
         if len(o.betas) != 2:
-            raise UserError(f"optim.betas must hold two numbers, got {o.betas}")
+            raise UserError(f"optim.betas: got {o.betas}, expected two numbers (beta1, beta2), e.g. [0.9, 0.999]")
         base = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     if not o.ham:
         return base

@@ -101,6 +101,13 @@ def check_model_fits(model: nn.Module, data: DataBundle, cfg: RunConfig, device:
     x = x[:2].to(device)
     what = f"model.name {cfg.model.name!r} (model.options {cfg.model.options})"
     where = f"data.name {cfg.data.name!r} (inputs of shape {tuple(data.input_shape)}, {data.num_classes} classes)"
+    if x[0].numel() == 0:
+        raise UserError(f"{where} has inputs with no values; give every input dimension a size of at least 1")
+    empty = [f"'{n}' ({'x'.join(map(str, p.shape))})" for n, p in model.named_parameters()
+             if p.dim() >= 2 and p.numel() == 0]
+    if empty:
+        raise UserError(f"{what} has layers without weights: {', '.join(empty)}; give every layer a width of at "
+                        "least 1")
     was_training = model.training
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []

@@ -78,7 +78,7 @@ class OptimConfig:
     scale_lr_by_batch: bool = option(False, help="peak lr = lr * batch_size / 256 (ImageNet practice)")
     momentum: float = option(0.9, ge=0, lt=1)
     nesterov: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = option(default_factory=lambda: [0.9, 0.999], ge=0, lt=1, help="AdamW (beta1, beta2)")
     weight_decay: float = option(5e-4, ge=0)
     warmup_epochs: float = option(0.0, ge=0)
     min_lr: float = option(0.0, ge=0)
