@@ -333,3 +333,17 @@ def test_hf_resnet_stem_and_batchnorm_layers_found_by_probing():
     convs = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     assert set(sparse.dense_layers) == {stem} and "found by probe" in sparse.dense_layers[stem]
     assert set(sparse.factors()) == convs - {stem}  # every conv of HF ResNet feeds a BatchNorm2d
+
+
+def test_config_scope_takes_a_list_of_layer_names():
+    from sparseopt.experiments.build import build_sparse
+    from sparseopt.experiments.configio import ConfigError, from_dict
+    from sparseopt.experiments.schema import RunConfig
+
+    cfg = from_dict(RunConfig, {"name": "x", "sparsity": {"method": "static"},
+                                "sparseopt": {"enabled": True, "scope": ["plain", "fc.*"]}})
+    model = TimmLike()
+    sparse = build_sparse(cfg, model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
+    assert set(sparse.factors()) == {"plain.weight", "fc.weight"}
+    with pytest.raises(ConfigError, match="sparseopt.scope: got 'bn_follow'"):
+        from_dict(RunConfig, {"name": "x", "sparseopt": {"scope": "bn_follow"}})

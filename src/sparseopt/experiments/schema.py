@@ -59,7 +59,8 @@ class SparsityConfig:
 class SparseOptConfig:
     enabled: bool = False
     normalize: bool = True
-    scope: Literal["all", "bn_followed"] = "all"
+    scope: Literal["all", "bn_followed"] | list[str] = option(
+        "all", help="layers SparseOpt acts on: all, bn_followed (those feeding a BatchNorm) or a list of names/globs")
     regrow_gradient: Literal["original", "corrected"] = "original"
     max_factor: float | None = option(None, gt=0)
     precondition_weight_decay: bool = option(
