@@ -13,6 +13,7 @@ from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.preflight import ConfigWarning, check_output_folder
 from sparseopt.experiments.report_eos import plot_itop, plot_sharpness
 from sparseopt.experiments.report_health import plot_health
+from sparseopt.experiments.report_paired import paired_comparisons, paired_table
 from sparseopt.experiments.runlog import read_jsonl
 from sparseopt.figures import save_png
 
@@ -204,7 +205,9 @@ def make_report(run_dirs: list[str | Path], out_dir: str | Path, target: float =
     runs = load_runs(run_dirs)
     groups = group_runs(runs)
     rows = summarize(groups, target)
-    table = markdown_table(rows, target)
+    paired = paired_comparisons(groups)
+    table = (f"{markdown_table(rows, target)}\n\nPaired over shared seeds (configurations differing in one "
+             f"setting):\n\n{paired_table(paired)}")
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +216,7 @@ def make_report(run_dirs: list[str | Path], out_dir: str | Path, target: float =
               if p is not None]
     with atomic_write(out_dir / "report.md") as f:
         f.write(f"# sparseopt report\n\n{table}\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
-    summary = {"target_accuracy": target, "rows": rows, "runs": [str(r.path) for r in runs],
+    summary = {"target_accuracy": target, "rows": rows, "paired": paired, "runs": [str(r.path) for r in runs],
                "plots": [p.name for p in plots]}
     with atomic_write(out_dir / "report.json") as f:
         json.dump(summary, f, indent=2)

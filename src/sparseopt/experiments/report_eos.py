@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sparseopt.experiments.runlog import read_jsonl
 from sparseopt.figures import save_png
+from sparseopt.stats import t_quantile
 
 
 def _rows(run, split: str) -> list[dict]:
@@ -34,11 +35,9 @@ def _series(rows: list[dict], key: str) -> dict[int, float]:
 
 def t_band(series: list[dict[int, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
     """Mean and 90% t-interval over seeds at the steps every seed logged (no band for a single seed)."""
-    from scipy import stats
-
     common = sorted(set.intersection(*(set(s) for s in series))) if series else []
     n = len(series)
-    half_factor = float(stats.t.ppf(0.95, n - 1)) / math.sqrt(n) if n > 1 else 0.0
+    half_factor = t_quantile(0.95, n - 1) / math.sqrt(n) if n > 1 else 0.0
     steps, mean, low, high = [], [], [], []
     for step in common:
         values = [s[step] for s in series]
