@@ -82,7 +82,7 @@ def test_reproduce_under_torchrun_trains_each_run_on_both_ranks_and_reports_once
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert proc.stdout.count("written:") == 1          # one rank printed, one rank wrote the report
     summary = json.loads((out / "results.json").read_text())
-    assert summary["runs_state"] == {"new": 4, "partial": 0, "done": 0}
+    assert summary["runs_state"] == {"new": 6, "partial": 0, "done": 0}
     assert (out / "report.md").is_file()
     for run in (out / "runs").iterdir():
         assert json.loads((run / "results.json").read_text())["steps"] > 0
