@@ -1,9 +1,9 @@
 """What both framework callbacks share: attach SparseTraining to an optimizer the framework built, fresh or resumed.
 
-Frameworks load a checkpoint's weights and optimizer state *before* a callback sees the optimizer. Building
-SparseTraining then with fresh masks would zero loaded active weights; so on resume it is built with the saved masks
-(the loaded weights and optimizer state are already zero outside them, which makes the construction a no-op on
-them) and without re-initialisation, then the rest of the saved state (step, generator, ITOP, ...) is loaded.
+Frameworks load a checkpoint's weights and optimizer state *before* a callback sees the optimizer. On resume the
+callbacks therefore build SparseTraining with the saved masks (the loaded weights and optimizer state are already
+zero outside them, so construction changes no loaded value) and without re-initialisation, after checking that the
+loaded weights fit those masks; then the rest of the saved state (step, generator, ITOP, ...) is loaded.
 """
 
 from __future__ import annotations
