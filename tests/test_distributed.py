@@ -36,14 +36,23 @@ def train(rank, topology, out):
     topo = (so.SET if topology == "set" else so.RigL)(update_every=2, drop_fraction=0.5, end_step=20)
     # Different seeds per rank on purpose: rank 0's masks must win, and stay in sync at every update.
     sparse = so.SparseTraining(model, opt, 0.2, topology=topo, seed=rank, preconditioner=so.SparseOpt())
+    grown_from, global_grads = [], []
+    score = topo.grow_score
+    topo.grow_score = lambda w, grad, gen, out=None: grown_from.append(grad if grad is None else grad.clone()) or score(w, grad, gen, out=out)
     g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
-    for _ in range(9):
+    for step in range(9):
         x, y = torch.randn(16, 10, generator=g), torch.randint(0, 4, (16,), generator=g)
         loss = nn.functional.cross_entropy(model(x), y)
+        if step == 0 and topology == "rigl":  # an update step: RigL must grow from the all-rank dense gradient
+            dense = torch.autograd.grad(nn.functional.cross_entropy(net(x), y), [p.param for p in sparse.params])
+            for d in dense:
+                dist.all_reduce(d)
+                global_grads.append(d / dist.get_world_size())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.save({"masks": sparse.masks, "fired": sparse.fired,
+    torch.save({"masks": sparse.masks, "fired": sparse.fired, "state_names": sorted(sparse.state_dict()["masks"]),
+                "grown_from": grown_from[:len(global_grads)], "global_grads": global_grads,
                 "weights": {k: v.detach().clone() for k, v in model.module.named_parameters()}},
                os.path.join(out, f"{topology}{rank}.pt"))
 
@@ -58,3 +67,9 @@ def test_masks_and_weights_identical_across_ddp_ranks(tmp_path):
         for name in a["weights"]:
             assert torch.equal(a["weights"][name], b["weights"][name]), name
         assert any(not torch.equal(a["fired"][n], a["masks"][n]) for n in a["masks"])  # masks did move
+        assert a["state_names"] == ["3.weight", "6.weight"]  # saved without DDP's "module." prefix
+    for r in range(2):
+        rigl = torch.load(tmp_path / f"rigl{r}.pt", weights_only=True)
+        assert len(rigl["grown_from"]) == len(rigl["global_grads"]) == 2
+        for seen, expected in zip(rigl["grown_from"], rigl["global_grads"]):
+            torch.testing.assert_close(seen, expected)
