@@ -347,3 +347,17 @@ def test_config_scope_takes_a_list_of_layer_names():
     assert set(sparse.factors()) == {"plain.weight", "fc.weight"}
     with pytest.raises(ConfigError, match="sparseopt.scope: got 'bn_follow'"):
         from_dict(RunConfig, {"name": "x", "sparseopt": {"scope": "bn_follow"}})
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # dynamo import
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile])
+def test_wrappers_are_seen_through(wrap):
+    model = wrap(TimmLike())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparse = so.SparseTraining(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.5,
+                                   preconditioner=so.SparseOpt(scope="bn_followed"))
+    prefix = "module." if wrap is nn.DataParallel else "_orig_mod."
+    assert set(sparse.dense_layers) == {prefix + "stem.weight"}  # found by fx on the bare model
+    assert set(sparse.factors()) == {prefix + "conv.weight"}
+    assert sparse.following_batchnorms() == {prefix + "conv.weight": prefix + "norm"}

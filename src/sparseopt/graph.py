@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from sparseopt.layouts import layout_of
+from sparseopt.wrappers import unwrap_model
 
 # Ops that keep a per-channel correspondence between a layer's output and a later BatchNorm's input.
 _TRANSPARENT_MODULES = (nn.Identity, nn.Dropout, nn.Flatten)
@@ -159,8 +160,14 @@ def layers_feeding_batchnorm(model: nn.Module, layer_names: Iterable[str], examp
 def batchnorm_after(model: nn.Module, layer_names: Iterable[str], example_input=None) -> dict[str, str]:
     """``{layer: name of the BatchNorm module it feeds}`` for the layers among ``layer_names`` that feed one (the
     first, if several): the neuron-health report and ``SparseOpt(factor_source="batchnorm")`` read its per-channel
-    statistics. Same tracing and errors as :func:`layers_feeding_batchnorm`."""
-    layers = set(layer_names)
+    statistics. Same tracing and errors as :func:`layers_feeding_batchnorm`. DDP and torch.compile wrappers are
+    seen through (names keep their prefix)."""
+    bare, prefix = unwrap_model(model)
+    layers = {n[len(prefix):] for n in layer_names if n.startswith(prefix)}
+    return {prefix + layer: prefix + bn for layer, bn in _batchnorm_after(bare, layers, example_input).items()}
+
+
+def _batchnorm_after(model: nn.Module, layers: set[str], example_input) -> dict[str, str]:
     try:
         return _fx_feeders(model, layers)
     except Exception as err:  # fx raises many types for untraceable code
@@ -250,12 +257,14 @@ def _probe_input_layers(model: nn.Module, example_input) -> set[str]:
 def layers_reading_input(model: nn.Module, example_input=None) -> tuple[set[str], str]:
     """Module names of the weight layers that read the model input (through no other weight layer), and how that
     was found: ``"fx"`` or ``"probe"`` (one ``example_input`` batch). Raises ``ValueError`` when fx cannot trace
-    the model and no example is given."""
-    if layout_of(model) is not None:
-        return {""}, "the model is one layer"
+    the model and no example is given. DDP and torch.compile wrappers are seen through (names keep their prefix)."""
+    bare, prefix = unwrap_model(model)
+    if layout_of(bare) is not None:
+        return {prefix[:-1]}, "the model is one layer"
     try:
-        return _fx_input_layers(model), "fx"
+        found, how = _fx_input_layers(bare), "fx"
     except Exception as err:  # fx raises many types for untraceable code
         if example_input is None:
-            raise ValueError(f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {err})") from err
-    return _probe_input_layers(model, example_input), "probe"
+            raise ValueError(f"torch.fx cannot trace {type(bare).__name__} ({type(err).__name__}: {err})") from err
+        found, how = _probe_input_layers(bare, example_input), "probe"
+    return {prefix + n for n in found}, how

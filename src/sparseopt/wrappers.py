@@ -46,6 +46,15 @@ def _wrapped_attribute(module: nn.Module) -> str | None:
     return None
 
 
+def unwrap_model(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model inside outer DDP/DataParallel/torch.compile wrappers, and the name prefix they add
+    (``"module."``, ``"_orig_mod."``), so graph analysis can trace the bare model."""
+    prefix = ""
+    while (attr := _wrapped_attribute(model)) is not None:
+        model, prefix = getattr(model, attr), f"{prefix}{attr}."
+    return model, prefix
+
+
 def canonical_name(model: nn.Module, name: str) -> str:
     """``name`` with the path segments of DDP/DataParallel (``module``) and torch.compile (``_orig_mod``)
     removed wherever such a wrapper sits in ``model``, so wrapped and bare models name a weight the same."""
