@@ -21,6 +21,9 @@ BENCHMARKS = [
     ("bench_rigl_update.py", "rigl_update", [], ["--reps", "3"]),
     ("bench_sparseopt_overhead.py", "sparseopt_overhead", [], ["--reps", "11"]),
     ("bench_hessian.py", "hessian", [], ["--reps", "5", "--seeds", "3"]),
+    ("bench_train_throughput.py", "train_throughput", ["--models", "resnet20", "--compile", ""],
+     ["--models", "resnet20", "--compile", "", "--reps", "3", "--steps", "2"]),
+    ("bench_input_pipeline.py", "input_pipeline", [], ["--images", "64", "--reps", "3"]),
 ]
 
 

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .transfer import to_device_async
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -35,7 +37,7 @@ def random_crop_flip(
     padded = torch.nn.functional.pad(batch, (padding, padding, padding, padding)) if padding else batch
     draws = torch.cat([torch.randint(0, 2 * padding + 1, (2, n), generator=generator),
                        (torch.rand(n, generator=generator) < 0.5).long()[None]])
-    top, left, flip = draws.to(device, non_blocking=True)[:, :, None]  # one staged copy, no host wait
+    top, left, flip = to_device_async(draws, device)[:, :, None]  # one small copy, the host does not wait
     rows = top + torch.arange(h, device=device)
     col_offsets = torch.where(flip.bool(), torch.arange(w - 1, -1, -1, device=device), torch.arange(w, device=device))
     cols = left + col_offsets

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .seeding import torch_generator
+from .transfer import to_device_async
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Augment = Callable[..., torch.Tensor]  # called as augment(batch, generator=torch.Generator)
@@ -132,7 +133,7 @@ class InMemoryLoader(_ResumableLoader):
 
     def _produce(self, epoch: int, start: int, index_batches: list[torch.Tensor]) -> Iterator[Batch]:
         for b, idx in enumerate(index_batches, start):
-            idx = idx.to(self.device, non_blocking=True)  # a staged copy: the host does not wait for the device
+            idx = to_device_async(idx, self.device)
             xb = self.x[idx]
             if self.augment is not None:
                 xb = self.augment(xb, generator=torch_generator(self.seed, _AUGMENT_STREAM, epoch, b))
