@@ -131,6 +131,16 @@ CONFIG_CASES = [
          {"c.yaml": TINY}),
     Case("set-into-a-value", [*TRAIN, "--set", "optim.lr.x=1"], ["'optim.lr' is a value, not a section"],
          {"c.yaml": TINY}),
+    Case("same-key-set-twice", [*TRAIN, "--set", "sparsity.density=0.1", "--set", "sparsity.density = 0.2"],
+         ["--set sparsity.density is given twice ('sparsity.density=0.1', then 'sparsity.density = 0.2')"],
+         {"c.yaml": TINY}),
+    Case("inf-as-a-huge-number", [*TRAIN, "--set", "train.epochs=1e400"], ["train.epochs: got '1e400', expected a "
+                                                                           "finite number"], {"c.yaml": TINY}),
+    Case("python-tag", TRAIN, ["malformed YAML", "python/object"], {"c.yaml": "name: !!python/object:os.system x\n"}),
+    Case("reproduce-set-a-swept-key", ["reproduce", "paper001-table1", "--set", "sparsity.density=0.1"],
+         ["--set sparsity.density=0.1: the preset sweeps it over [0.1, 0.05]"]),
+    Case("reproduce-set-the-seed", ["reproduce", "paper001-table1", "--set", "train.seed=3"],
+         ["--set train.seed=3: seeds come from --seeds"]),
     Case("several-errors-each-named", [*TRAIN, "--set", "optim.lr=-1", "--set", "train.seedd=1"],
          ["optim.lr: got -1", "unknown key 'train.seedd' (did you mean 'train.seed'?)"], {"c.yaml": TINY}),
     Case("config-command-inf", ["config", "--set", "optim.lr=.inf"], ["optim.lr: got inf"]),
@@ -222,6 +232,11 @@ PREFLIGHT_CASES = [
          ["optim.nesterov: true needs optim.momentum above 0"], {"c.yaml": TINY}),
     Case("beta-out-of-range", setting("optim.name=adamw", "optim.betas=[0.9, 1.5]"),
          ["optim.betas[1]: got 1.5, expected float with x >= 0 and x < 1"], {"c.yaml": TINY}),
+    Case("batchnorm-last-batch-of-one", setting("data.options.n_train=257"),
+         ["the last batch of each epoch (257 training examples, data.batch_size 32) holds 1 example, and BatchNorm "
+          "'net.2'", "data.options.drop_last: true"], {"c.yaml": TINY}),
+    Case("batchnorm-batch-of-one", setting("data.batch_size=1", "train.epochs=1", "optim.warmup_epochs=0"),
+         ["data.batch_size 1: BatchNorm 'net.2'", "at least 2"], {"c.yaml": TINY}),
     Case("missing-cifar", setting("data.name=cifar10", "data.options={}", "data.root=nowhere"),
          ["cifar-10-batches-py"], {"c.yaml": TINY}),
 ]
@@ -495,3 +510,15 @@ def test_diagnose_and_report_refuse_cleanly_and_write_nothing(case, runs, tmp_pa
     err = check(case, tmp_path, capsys, monkeypatch)
     if not any(":" in line and "expected an integer" in line for line in err.splitlines()):  # argparse usage
         assert all(line.startswith("error: ") for line in err.splitlines()), err
+
+
+@pytest.mark.parametrize("fix", [
+    ["data.options.n_train=257", "data.options.drop_last=true"],       # the BatchNorm last-batch message's fix
+    ["sparsity.start_step=100", "sparsity.method=static"],             # the schedule message's fix
+    ["sparsity.density=0.9"],                                          # "density: 90 ... did you mean 0.9?"
+])
+def test_the_fix_a_message_suggests_is_accepted(fix, tmp_path, capsys, monkeypatch):
+    prepare(tmp_path, {"c.yaml": tiny(train={"epochs": 1})})
+    monkeypatch.chdir(tmp_path)
+    assert main(setting(*fix)) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "results.json").is_file()

@@ -160,12 +160,18 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     """
     result = copy.deepcopy(data)
     errors: list[str] = []
+    given: dict[str, str] = {}  # a key set twice would silently keep the last, like a repeated YAML key
     for item in overrides:
         key, equals, raw = item.partition("=")
         parts = key.strip().split(".")
         if not equals or not all(parts):
             errors.append(f"--set {item!r}: expected key.sub=value, e.g. --set optim.lr=0.05")
             continue
+        dotted = ".".join(p.strip() for p in parts)
+        if dotted in given:
+            errors.append(f"--set {dotted} is given twice ({given[dotted]!r}, then {item!r}); keep one")
+            continue
+        given[dotted] = item
         try:
             value = parse_yaml(raw, f"--set {item!r}")
         except yaml.YAMLError as exc:

@@ -111,6 +111,14 @@ def check_model_fits(model: nn.Module, data: DataBundle, cfg: RunConfig, device:
     was_training = model.training
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
+    per_example: dict[str, int] = {}  # BatchNorm name -> values per channel contributed by one example
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:  # returns None: the input is left as it is
+            per_example.setdefault(name, math.prod(args[0].shape[2:]))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             model.eval()
@@ -121,10 +129,32 @@ def check_model_fits(model: nn.Module, data: DataBundle, cfg: RunConfig, device:
                         "(mlp for any shape, cnn/resnet for images)") from err
     finally:
         model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    _check_batchnorm_batches(per_example, data, cfg)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != data.num_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"{what} outputs {shape} for a batch of {len(x)}, but {where} needs ({len(x)}, "
                         f"{data.num_classes}): one logit per class; the class count comes from the data")
+
+
+def _check_batchnorm_batches(per_example: dict[str, int], data: DataBundle, cfg: RunConfig) -> None:
+    """BatchNorm cannot train on a batch holding one value per channel (torch raises mid-epoch, after the run
+    folder exists); a last batch of one example is the usual way to get there."""
+    loader = data.train
+    n, size = getattr(loader, "n", None), getattr(loader, "batch_size", None)
+    if not per_example or n is None or size is None:
+        return
+    sizes = {size} | ({n % size} if n % size and not getattr(loader, "drop_last", False) else set())
+    for name, values in per_example.items():
+        for b in sorted(sizes):
+            if b * values == 1:
+                bn = f"BatchNorm '{name}' of model.name {cfg.model.name!r} cannot train on a single value per channel"
+                if b == size:
+                    raise UserError(f"data.batch_size {size}: {bn}; use a batch size of at least 2")
+                raise UserError(f"the last batch of each epoch ({n} training examples, data.batch_size {size}) holds "
+                                f"1 example, and {bn}; use another data.batch_size, or data.options.drop_last: true "
+                                "to skip the short batch")
 
 
 def check_schedule(cfg: RunConfig, steps_per_epoch: int, total_steps: int) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from sparseopt.experiments.batch import run_many
 from sparseopt.experiments.checkpoint import atomic_write
-from sparseopt.experiments.configio import apply_overrides, from_dict, load_yaml, merge
+from sparseopt.experiments.configio import ConfigError, apply_overrides, from_dict, load_yaml, merge
 from sparseopt.experiments.distributed import init_from_env
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.preflight import check_output_folder
@@ -81,8 +81,14 @@ def expand(spec: ScaleSpec, overrides: list[str] = (), seeds: list[int] | None =
     if not spec.variants:
         raise UserError("the preset has no variants to run")
     base = merge(_read_package_yaml("_bases", f"{spec.base_from}.yaml"), spec.base) if spec.base_from else spec.base
-    configs = []
     keys = list(spec.axes)
+    swept = {k: f"the preset sweeps it over {spec.axes[k]}" for k in keys}
+    swept["train.seed"] = "seeds come from --seeds"
+    clashes = [f"--set {item}: {swept[key]}; it would make every run of the grid the same there"
+               for item in overrides if (key := item.partition("=")[0].strip()) in swept]
+    if clashes:
+        raise ConfigError(clashes)
+    configs = []
     for variant, variant_overrides in spec.variants.items():
         for values in itertools.product(*(spec.axes[k] for k in keys)):
             name = " ".join([variant, *(_label(k, v) for k, v in zip(keys, values))])
