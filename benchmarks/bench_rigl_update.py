@@ -154,7 +154,7 @@ class SparseoptUpdate:
         for n, p in self.params.items():
             p.copy_(self.ref.weights[n])
             self.st.masks[n].copy_(self.ref.masks[n])
-            self.st.fired[n].copy_(self.ref.masks[n])
+            self.st.fired.load(n, self.ref.masks[n])
             self.opt.state[p]["momentum_buffer"].copy_(self.ref.momentum[n])
         self.st.step_count = 0
         self.st.changed = dict.fromkeys(self.st.masks, 0)

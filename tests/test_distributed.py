@@ -51,7 +51,7 @@ def train(rank, topology, out):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.save({"masks": sparse.masks, "fired": sparse.fired, "state_names": sorted(sparse.state_dict()["masks"]),
+    torch.save({"masks": sparse.masks, "fired": dict(sparse.fired), "state_names": sorted(sparse.state_dict()["masks"]),
                 "grown_from": grown_from[:len(global_grads)], "global_grads": global_grads,
                 "weights": {k: v.detach().clone() for k, v in model.module.named_parameters()}},
                os.path.join(out, f"{topology}{rank}.pt"))

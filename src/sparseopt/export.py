@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparseopt.bits import pack_mask, unpack_mask
+
 FORMAT = "sparseopt.sparse"
 FORMAT_VERSION = "1"
 VALUES, MASK = "::values", "::mask"
-_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -43,26 +44,6 @@ class ExportSummary:
     @property
     def ratio(self) -> float:
         return self.file_bytes / self.dense_bytes
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool mask -> uint8 bytes, 8 entries a byte, least significant bit first (flat row-major order)."""
-    flat = mask.detach().reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % _BITS
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = (1 << torch.arange(_BITS, dtype=torch.int32, device=flat.device))
-    return (flat.view(-1, _BITS).to(torch.int32) * weights).sum(1).to(torch.uint8)
-
-
-def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`."""
-    numel = torch.Size(shape).numel()
-    if packed.dtype != torch.uint8 or packed.numel() != -(-numel // _BITS):
-        raise ValueError(f"a packed mask for shape {tuple(shape)} is {-(-numel // _BITS)} uint8 bytes, got "
-                         f"{packed.numel()} of {packed.dtype}")
-    bits = (packed.unsqueeze(1) >> torch.arange(_BITS, dtype=torch.uint8, device=packed.device)) & 1
-    return bits.reshape(-1)[:numel].bool().view(tuple(shape))
 
 
 def _masks_of(source, masks: Mapping[str, torch.Tensor] | None) -> tuple[nn.Module, dict[str, torch.Tensor]]:

@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparseopt.bits import PackedMasks
 from sparseopt.bn_scales import BatchNormScales
 from sparseopt.distributions import check_density, layer_nnz
 from sparseopt.execution.training import ExecutionPolicy, SparseExecution
-from sparseopt.grad_hooks import GradientMasking
+from sparseopt.grad_hooks import GradientMasking, scale_grad_
 from sparseopt.graph import batchnorm_after
 from sparseopt.health import correction_ratio, layer_health
 from sparseopt.init import sparse_init_
@@ -143,7 +144,7 @@ class SparseTraining:
                                for p in self.params}
         self.masks = self._initial_masks(masks, device)
         self._broadcast_masks()
-        self.fired = {n: m.clone() for n, m in self.masks.items()}
+        self.fired = PackedMasks(self.masks)
         self.changed = dict.fromkeys(self.masks, 0)
         self._reset_active()
         self.step_count = 0
@@ -297,8 +298,12 @@ class SparseTraining:
         for p in self.params:
             if p.name not in changed:
                 continue
+            if p.name not in factors and p.name not in self._row_factors:
+                # no factor: the bool mask itself (no float copy of it; masking is a torch.where)
+                self._grad_scale[p.name] = self.masks[p.name]
+                continue
             scale = self._grad_scale.get(p.name)
-            if scale is None:
+            if scale is None or scale.dtype == torch.bool:
                 scale = self._grad_scale[p.name] = torch.empty(p.shape, dtype=p.param.dtype, device=p.param.device)
             scale.copy_(self.masks[p.name])
             if p.name in factors:
@@ -358,7 +363,7 @@ class SparseTraining:
             if g is not None and p.name not in arrived:
                 if collect:
                     dense[p.name] = g.clone()
-                g.mul_(self._grad_scale[p.name])
+                scale_grad_(g, self._grad_scale[p.name])
         # BatchNorm-measured factors follow the forward of this step (inside the closure, if there is one)
         if first and self._bn_scales is not None and self._bn_scales.update(self._distributed()):
             self._scales_stale = True
@@ -422,7 +427,7 @@ class SparseTraining:
         restore_weight_decay(self._folded_decay)
         self._folded_decay = []
         for p in self.params:
-            p.param.mul_(self.masks[p.name])
+            scale_grad_(p.param, self.masks[p.name])  # a bool where(), not a bool->float copy and multiply
         self.step_count += 1
         self._own_versions = self._weight_versions()
         self._gradients.collect_dense = self._dense_grad_needed()
@@ -487,16 +492,15 @@ class SparseTraining:
                 self.changed[p.name] = 0
             else:
                 self._apply_change(p, change, grads.get(p.name))
-        if self.preconditioner is None:
-            for name, change in changes.items():  # a mask alone: the cached scale changes where the mask did
-                self._grad_scale[name].view(-1).index_fill_(0, change.removed, 0).index_fill_(0, change.added, 1)
-        else:
+        if self.preconditioner is not None:  # without one the scales are the masks themselves
             self._refresh_grad_scales(changed=set(changes))
+        self._scratch_buf = None  # held only during an update: it would be 4 bytes per weight of the largest layer
         if self.execution is not None:
             self.execution.rebuild(self.masks, set(changes))
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """One reusable buffer for grow scores (a fresh 100 MB tensor per layer would page-fault every update)."""
+        """One buffer for the grow scores of all layers of an update (a fresh 100 MB tensor per layer would
+        page-fault every layer); freed after the update."""
         buf = self._scratch_buf
         if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype or buf.device != like.device:
             size = max(p.param.numel() for p in self.params)
@@ -532,7 +536,7 @@ class SparseTraining:
         for value in self.optimizer.state.get(p.param, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == p.shape:
                 value.view(-1).index_fill_(0, touched, 0)
-        self.fired[p.name].view(-1).index_fill_(0, change.added, True)
+        self.fired.set_(p.name, change.added)
         self.changed[p.name] = change.added.numel()
         if change.removed_at.numel() == change.added.numel() > 0:
             self._active[p.name].index_copy_(0, change.removed_at, change.added)
@@ -540,7 +544,7 @@ class SparseTraining:
     # ---- inspection and checkpoints --------------------------------------------------------------------------
     def itop(self) -> float:
         """In-time over-parameterisation rate: fraction of all sparse-layer entries ever active (SPEC 4)."""
-        return sum(int(f.sum()) for f in self.fired.values()) / sum(f.numel() for f in self.fired.values())
+        return sum(self.fired.count(n) for n in self.fired) / sum(p.param.numel() for p in self.params)
 
     def density(self) -> float:
         """Fraction of sparse-layer weights that are active (constant: every update keeps each layer's nnz)."""
@@ -580,7 +584,7 @@ class SparseTraining:
             health = layer_health(p.param, mask, modules.get(bn) if bn is not None else None, p.out_axis)
             rows.append(LayerReport(
                 name=p.name, shape=tuple(p.shape), numel=numel, target_density=self.target_nnz[p.name] / numel,
-                density=int(mask.sum()) / numel, itop=int(self.fired[p.name].sum()) / numel,
+                density=int(mask.sum()) / numel, itop=self.fired.count(p.name) / numel,
                 changed=self.changed[p.name], zero_fanin=health["dead"], norm_max=health["norm_max"],
                 norm_max_over_median=health["norm_max_over_median"], batchnorm=bn,
                 sigma_slope=health["sigma_slope"], gamma_slope=health["gamma_slope"],
@@ -597,7 +601,7 @@ class SparseTraining:
             "step": self.step_count,
             "generator": self.generator.get_state(),
             "masks": {c[n]: m.clone() for n, m in self.masks.items()},
-            "fired": {c[n]: f.clone() for n, f in self.fired.items()},
+            "fired": {c[n]: f for n, f in self.fired.items()},  # unpacked copies: the format stays bool
             "changed": {c[n]: v for n, v in self.changed.items()},
             "target_nnz": {c[n]: v for n, v in self.target_nnz.items()},
             # their order breaks ties: resume exactly
@@ -628,7 +632,7 @@ class SparseTraining:
                 self._expect_reloaded_weights({p.name: state["masks"][key[p.name]] for p in self.params})
             for p in self.params:
                 self.masks[p.name].copy_(state["masks"][key[p.name]])
-                self.fired[p.name].copy_(state["fired"][key[p.name]])
+                self.fired.load(p.name, state["fired"][key[p.name]].bool())
                 p.param.mul_(self.masks[p.name])
                 for value in shaped_state(self.optimizer, p).values():
                     value.mul_(self.masks[p.name])
