@@ -10,11 +10,13 @@ from torch import nn
 class _Counting(nn.Sequential):
     """An MLP with BatchNorm that can misbehave at its n-th forward call, to test clean stops for real."""
 
-    def __init__(self, in_features, classes, interrupt_at=None, nan_at=None, signal_name="SIGINT"):
+    def __init__(self, in_features, classes, interrupt_at=None, nan_at=None, signal_name="SIGINT", signal_rank=None):
         super().__init__(nn.Flatten(), nn.Linear(in_features, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
                          nn.Linear(32, classes))
         self.calls, self.interrupt_at, self.nan_at = 0, interrupt_at, nan_at
         self.signal = getattr(signal, signal_name)
+        if signal_rank is not None and os.environ.get("RANK") != str(signal_rank):
+            self.interrupt_at = None  # under torchrun: only this rank gets the signal
 
     def forward(self, x):
         self.calls += 1
@@ -24,8 +26,8 @@ class _Counting(nn.Sequential):
         return out * math.nan if self.nan_at is not None and self.calls >= self.nan_at else out
 
 
-def counting_mlp(num_classes, in_shape, interrupt_at=None, nan_at=None, signal_name="SIGINT"):
-    return _Counting(math.prod(in_shape), num_classes, interrupt_at, nan_at, signal_name)
+def counting_mlp(num_classes, in_shape, interrupt_at=None, nan_at=None, signal_name="SIGINT", signal_rank=None):
+    return _Counting(math.prod(in_shape), num_classes, interrupt_at, nan_at, signal_name, signal_rank)
 
 
 def needs_width(num_classes, in_shape, width):

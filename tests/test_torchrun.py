@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -35,10 +36,10 @@ DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                          "MASTER_ADDR", "MASTER_PORT")
 
 
-def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in DISTRIBUTED_VARIABLES and not k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC_"))}
-    env["OMP_NUM_THREADS"] = "1"
+def torchrun(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items()
+            if k not in DISTRIBUTED_VARIABLES and not k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC_"))}
+    env = {**base, "OMP_NUM_THREADS": "1", **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "--local-addr=127.0.0.1", *args]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -86,3 +87,25 @@ def test_reproduce_under_torchrun_trains_each_run_on_both_ranks_and_reports_once
     assert (out / "report.md").is_file()
     for run in (out / "runs").iterdir():
         assert json.loads((run / "results.json").read_text())["steps"] > 0
+
+
+def test_sigterm_on_one_rank_stops_both_at_the_next_logging_step_and_resume_finishes(tmp_path):
+    run = tmp_path / "preempted"
+    config = {**CONFIG, "model": {"name": "cli_models:counting_mlp",
+                                  "options": {"interrupt_at": 8, "signal_name": "SIGTERM", "signal_rank": 1}}}
+    path = tmp_path / "preempt.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env_path = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = torchrun("-m", "sparseopt.cli", "train", str(path), "--out", str(run), "--quiet", env=env_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("interrupted by SIGTERM; checkpoint written") == 2, proc.stderr[-4000:]
+    step = load_checkpoint(sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1])["step"]
+    # the signal arrived in one of rank 1's middle steps (pre-flight forwards come first); both ranks stopped
+    # together at the next logging step (log_every 4): no collective ran on the steps in between
+    assert step % 4 == 0 and 0 < step < 16
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["model"]["options"] = {}
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    proc = torchrun("-m", "sparseopt.cli", "train", "--resume", str(run), "--quiet", env=env_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((run / "results.json").read_text())["steps"] == 16
