@@ -522,3 +522,29 @@ def test_the_fix_a_message_suggests_is_accepted(fix, tmp_path, capsys, monkeypat
     monkeypatch.chdir(tmp_path)
     assert main(setting(*fix)) == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "results.json").is_file()
+
+
+
+@pytest.mark.parametrize(("overrides", "warning"), [
+    (["sparsity.method=dense", "sparseopt.enabled=false"],
+     "sparsity.density 0.3, sparsity.update_every 4 have no effect with sparsity.method 'dense'"),
+    (["sparsity.method=static"], "sparsity.update_every 4 has no effect with sparsity.method 'static' (masks never "
+                                  "change)"),
+    (["sparsity.distribution=uniform", "sparsity.erk_power_scale=0.5"],
+     "sparsity.erk_power_scale 0.5 has no effect with sparsity.distribution 'uniform'"),
+    (["sparsity.pai_batches=3"], "sparsity.pai_batches 3 has no effect with sparsity.initial_mask 'random'"),
+    (["sparseopt.enabled=false", "sparseopt.scope=bn_followed"],
+     "sparseopt.scope 'bn_followed' has no effect with sparseopt.enabled false"),
+    (["optim.nesterov=true"], None),
+    (["optim.name=adamw", "optim.nesterov=true"], "optim.nesterov True has no effect with optim.name 'adamw'"),
+    (["optim.betas=[0.8, 0.9]"], "optim.betas [0.8, 0.9] has no effect with optim.name 'sgd'"),
+    (["optim.ham_alpha=5"], "optim.ham_alpha 5.0 has no effect with optim.ham false"),
+    (["diagnostics.hessian_k=2"], "diagnostics.hessian_k 2 has no effect with diagnostics.hessian_every 0 (off)"),
+    (["data.root=/data"], "data.root '/data' has no effect with data.name 'synthetic'"),
+])
+def test_settings_the_config_switches_off_are_named(overrides, warning, tmp_path, capsys, monkeypatch):
+    prepare(tmp_path, {"c.yaml": tiny(train={"epochs": 1})})
+    monkeypatch.chdir(tmp_path)
+    assert main(setting(*overrides)) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == ([f"warning: {warning}"] if warning else []), err

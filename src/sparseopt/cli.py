@@ -161,6 +161,10 @@ def _cmd_train(args) -> int:
     overrides = args.overrides + (["train.deterministic=true"] if args.deterministic else [])
     cfg = _load_config(args.config, overrides, args.resume)
     out = args.resume or args.out or str(Path("runs") / cfg.name)
+    from sparseopt.experiments.preflight import ConfigWarning, ignored_settings
+
+    for line in ignored_settings(cfg):
+        warnings.warn(line, ConfigWarning, stacklevel=1)
     results = train(cfg, out, overwrite=args.overwrite, resume=args.resume is not None, quiet=args.quiet)
     if not results:  # a torchrun rank other than 0: rank 0 reports
         return 0

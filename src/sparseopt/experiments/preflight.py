@@ -248,3 +248,50 @@ def _round_up(x: float) -> str:
 def _few(items: list[int], limit: int = 5) -> str:
     shown = ", ".join(map(str, items[:limit]))
     return f"{shown}, ..." if len(items) > limit else shown
+
+
+def ignored_settings(cfg: RunConfig) -> list[str]:
+    """Keys set away from their default that the rest of the config switches off, one line per switch.
+
+    ``sparseopt train`` warns with these: a density under ``method: dense`` or a Nesterov flag under AdamW is
+    something the user wrote and the run will not do. (Grids such as presets share bases across variants and
+    would warn for every run, so only single runs are checked.)"""
+    from sparseopt.data import dataset_options
+    from sparseopt.experiments.build import data_settings
+    from sparseopt.experiments.schema import RunConfig as Defaults
+
+    default, lines = Defaults(), []
+
+    def changed(section: str, keys: list[str]) -> list[str]:
+        ours, base = getattr(cfg, section), getattr(default, section)
+        return [f"{section}.{k} {getattr(ours, k)!r}" for k in keys if getattr(ours, k) != getattr(base, k)]
+
+    def note(keys: list[str], because: str) -> None:
+        if keys:
+            lines.append(f"{', '.join(keys)} {'has' if len(keys) == 1 else 'have'} no effect with {because}")
+
+    s, dynamic = cfg.sparsity, ["update_every", "drop_fraction", "start_step", "end_fraction", "annealing",
+                                "skip_step_on_update", "grow_init"]
+    if s.method == "dense":
+        note(changed("sparsity", [f for f in vars(s) if f not in ("method", "initial_mask")]),
+             "sparsity.method 'dense'")
+    elif s.method == "static":
+        note(changed("sparsity", dynamic), "sparsity.method 'static' (masks never change)")
+    if s.method != "dense" and s.distribution == "uniform":
+        note(changed("sparsity", ["erk_power_scale"]), "sparsity.distribution 'uniform'")
+    if s.initial_mask == "random":
+        note(changed("sparsity", ["pai_scope", "pai_batches", "grasp_samples_per_class"]),
+             "sparsity.initial_mask 'random'")
+    if not cfg.sparseopt.enabled:
+        note(changed("sparseopt", [f for f in vars(cfg.sparseopt) if f != "enabled"]), "sparseopt.enabled false")
+    o = cfg.optim
+    note(changed("optim", ["betas"] if o.name == "sgd" else ["momentum", "nesterov"]), f"optim.name {o.name!r}")
+    if not o.ham:
+        note(changed("optim", ["ham_alpha", "ham_beta", "ham_max_weight_norm"]), "optim.ham false")
+    if cfg.diagnostics.hessian_every == 0:
+        note(changed("diagnostics", ["hessian_k", "hessian_samples", "hessian_physical_batch"]),
+             "diagnostics.hessian_every 0 (off)")
+    unused = [k for k in data_settings(cfg) if k not in dataset_options(cfg.data.name) and k != "seed"]
+    unused += [] if cfg.data.name in ("cifar10", "cifar100", "imagenet") else ["root"]
+    note(changed("data", [k for k in unused if hasattr(cfg.data, k)]), f"data.name {cfg.data.name!r}")
+    return lines
