@@ -42,7 +42,7 @@ class ScaleSpec:
 class Preset:
     title: str
     paper: str
-    kind: Literal["train", "grad-ratio", "coord-check", "sweep"] = "train"
+    kind: Literal["train", "grad-ratio", "coord-check", "sweep", "fidelity"] = "train"
     notes: str = ""
     laptop: ScaleSpec | None = None
     full: ScaleSpec | None = None
@@ -146,12 +146,14 @@ def reproduce(name: str, out: str | Path, *, scale: str = "laptop", seeds: list[
 def _run_diagnostic(name: str, kind: str, args: dict, out: Path, seeds: list[int] | None, dry_run: bool) -> dict:
     """Presets that are a diagnostic command rather than a grid of training runs."""
     from sparseopt.experiments import diagnose
+    from sparseopt.experiments.fidelity import fidelity
 
     if seeds is not None:
         args["seeds"] = len(seeds)
     if dry_run:
         return {"preset": name, "runs": [], "args": args}
-    run = {"grad-ratio": diagnose.grad_ratio, "coord-check": diagnose.coord_check, "sweep": diagnose.sweep}[kind]
+    run = {"grad-ratio": diagnose.grad_ratio, "coord-check": diagnose.coord_check, "sweep": diagnose.sweep,
+           "fidelity": fidelity}[kind]
     result = run(out, **args)
     return {"preset": name, "table": result.get("table", json.dumps(result.get("optimum_shift", result.get(
         "spread")), indent=1)), **result}
