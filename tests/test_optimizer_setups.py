@@ -144,3 +144,25 @@ def test_a_weight_frozen_at_construction_is_masked_and_hooked_once_unfrozen():
     x = torch.randn(8, 10, generator=torch.Generator().manual_seed(2))
     model(x).sum().backward()                   # from the next step on, backward masks it as it accumulates
     assert torch.all(model.branch.weight.grad[~mask] == 0)
+
+
+def test_a_weight_cannot_be_sparsified_twice_at_once():
+    net = mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    first = so.SparseTraining(net, opt, 0.3)
+    with pytest.raises(ValueError, match=r"\['3.weight'\] are already sparsified by another SparseTraining"):
+        so.SparseTraining(net, opt, 0.3)
+    first.remove()
+    so.SparseTraining(net, opt, 0.3)  # after remove() the weight is free again
+    del first
+    fresh = mlp(widths=(12, 16, 16, 10))
+    so.SparseTraining(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), 0.3, preconditioner=so.SparseOpt())
+    # the first one, discarded with its optimizer, no longer counts, nor masks gradients
+    sparse = so.SparseTraining(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), 0.3, seed=1,
+                               preconditioner=so.SparseOpt())
+    x, y = batch(fresh, 0)
+    loss = nn.functional.cross_entropy(fresh(x), y)
+    (dense,) = torch.autograd.grad(loss, fresh[3].weight, retain_graph=True)
+    loss.backward()
+    expected = dense * sparse.masks["3.weight"] * sparse.factors()["3.weight"].float()
+    torch.testing.assert_close(fresh[3].weight.grad, expected)

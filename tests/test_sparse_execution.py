@@ -119,6 +119,7 @@ def test_layers_below_break_even_stay_dense_with_a_warning_and_remove_restores_f
                                    sparse_execution=ExecutionPolicy(max_density=0.3))
     report = sparse.report()
     assert [r.execution for r in report.layers] == ["masked", "masked"]
+    sparse.remove()  # one SparseTraining per weight at a time
     with pytest.warns(UserWarning, match=r"6.weight \(density 0.500 > break-even 0.3\)"):
         sparse = so.SparseTraining(model, opt, density={"3.weight": 0.1, "6.weight": 0.5},
                                    sparse_execution=ExecutionPolicy(max_density=0.3, min_numel=0))

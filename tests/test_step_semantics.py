@@ -92,7 +92,7 @@ def test_closure_update_step_is_skipped_and_rigl_grows_from_the_closure_gradient
 
 def test_lbfgs_trains_sparse_and_sparseopt_changes_it():
     def run(precondition):
-        net, _, _ = setup(precondition=precondition)  # same init
+        net = mlp(widths=(10, 24, 24, 6))  # same init
         opt = torch.optim.LBFGS(net.parameters(), lr=0.5, max_iter=4, history_size=5)
         sparse = so.SparseTraining(net, opt, 0.3, preconditioner=so.SparseOpt() if precondition else None,
                                    topology=so.SET(update_every=3, drop_fraction=0.3, end_step=30))

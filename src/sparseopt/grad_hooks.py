@@ -11,6 +11,7 @@ the original gradient RigL grows from.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -40,17 +41,20 @@ class GradientMasking:
                 continue
             node = torch.autograd.graph.get_gradient_edge(p.param).node
             self._nodes[p.name] = node  # a weight's AccumulateGrad node lives only as long as someone holds it
-            self._handles.append(node.register_prehook(self._hook(p.name, p.param, self._scales)))
+            self._handles.append(node.register_prehook(self._hook(p.name, p.param)))
 
-    def _hook(self, name: str, param: torch.Tensor, scales: Mapping[str, torch.Tensor]) -> Callable:
+    def _hook(self, name: str, param: torch.Tensor) -> Callable:
+        owner = weakref.ref(self)  # a discarded SparseTraining must stop masking, not live on in autograd
+
         def masked(grad_outputs):
+            this = owner()
             (grad,) = grad_outputs
-            if grad is None:
+            if this is None or grad is None:
                 return None
-            if self.collect_dense:
-                self._add_dense(name, param, grad)
-            self.arrived.add(name)
-            return (scaled_grad(grad, scales[name]),)
+            if this.collect_dense:
+                this._add_dense(name, param, grad)
+            this.arrived.add(name)
+            return (scaled_grad(grad, this._scales[name]),)
         return masked
 
     def _add_dense(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> None:

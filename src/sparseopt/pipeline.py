@@ -16,8 +16,10 @@ scheduler.step()``, a closure-style ``optimizer.step(closure)``, or a framework'
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from glob import escape as glob_escape
 
@@ -45,6 +47,9 @@ from sparseopt.topology.base import Static, Topology
 from sparseopt.wrappers import canonical_name, match_names, unwrap_optimizer
 
 STATE_VERSION = 1
+
+#: id(weight) -> the SparseTraining that masks it; two at once would mask and precondition its gradient twice
+_OWNERS: dict[int, weakref.ref] = {}
 _log = logging.getLogger("sparseopt")
 
 
@@ -164,6 +169,7 @@ class SparseTraining:
         self._canonical = {p.name: canonical_name(model, p.name) for p in self.params}
         # Until the first step, keep what construction overwrites: state loaded before construction survives a
         # later load_state_dict (resume in any order, see sparseopt.resume).
+        self._claim_params()
         self._backup: ConstructionBackup | None = ConstructionBackup(self.params, optimizer)
         with torch.no_grad():
             for p in self.params:
@@ -209,6 +215,27 @@ class SparseTraining:
         return plan_sparse_params(model, include=include, exclude=exclude, module_types=module_types,
                                   prune_first_layer=prune_first_layer, prune_last_layer=prune_last_layer,
                                   example_input=example_input)
+
+    def _claim_params(self) -> None:
+        taken = self._owned_elsewhere()
+        if taken:
+            gc.collect()  # a discarded SparseTraining (its optimizer gone too) may only wait for the collector
+            taken = self._owned_elsewhere()
+        if taken:
+            raise ValueError(f"the weights {taken} are already sparsified by another SparseTraining; call its "
+                             "remove() first, or split the sparse set between them with include=/exclude=")
+        for p in self.params:
+            _OWNERS[id(p.param)] = weakref.ref(self)
+
+    def _owned_elsewhere(self) -> list[str]:
+        taken = []
+        for p in self.params:
+            owner = _OWNERS.get(id(p.param))
+            other = owner() if owner is not None else None
+            if other is not None and other is not self and getattr(other, "_hooks", None) and any(q.param is p.param
+                                                                                   for q in other.params):
+                taken.append(p.name)
+        return taken
 
     def _check_optimizer_holds_params(self) -> None:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
@@ -684,6 +711,9 @@ class SparseTraining:
             h.remove()
         self._hooks = []
         self._gradients.remove()
+        for p in self.params:
+            if (owner := _OWNERS.get(id(p.param))) is not None and owner() is self:
+                del _OWNERS[id(p.param)]
         if self._bn_scales is not None:
             self._bn_scales.remove()
         if self.execution is not None:
