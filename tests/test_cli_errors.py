@@ -175,6 +175,8 @@ PREFLIGHT_CASES = [
          ["unknown key 'model.options.hidden' (model 'cnn' takes: norm)"], {"c.yaml": TINY}),
     Case("model-option-num-classes", setting("model.options.num_classes=100"),
          ["model.options.num_classes: set from the data (data.options.num_classes)"], {"c.yaml": TINY}),
+    Case("model-option-in-shape", setting("model.options.in_shape=[36]"),
+         ["model.options.in_shape: set from the data (data.options.shape)"], {"c.yaml": TINY}),
     Case("user-model-option-typo", setting("model.name=cli_models:counting_mlp", "model.options={nan_att: 3}"),
          ["unknown key 'model.options.nan_att' (did you mean 'model.options.nan_at'?)"], {"c.yaml": TINY}),
     Case("user-model-required-option", setting("model.name=cli_models:needs_width", "model.options={}"),

@@ -45,7 +45,7 @@ def check_output_folder(out: Path) -> None:
                         "choose another --out") from None
 
 
-def check_model_options(cfg: RunConfig, num_classes: int | None = None) -> None:
+def check_model_options(cfg: RunConfig) -> None:
     """``model.options`` against the model's signature: unknown names get a suggestion, like top-level keys."""
     name, options = cfg.model.name, cfg.model.options
     try:
@@ -55,10 +55,9 @@ def check_model_options(cfg: RunConfig, num_classes: int | None = None) -> None:
     errors = []
     for key in options:
         if key in DATA_ARGUMENTS:
-            source = "data.options.num_classes" if cfg.data.name == "synthetic" else f"data.name {cfg.data.name!r}"
-            errors.append(f"model.options.{key}: set from the data ({source}"
-                          + (f": {num_classes} classes" if num_classes is not None and key == "num_classes" else "")
-                          + "), not from model.options; remove it")
+            synthetic = "data.options.num_classes" if key == "num_classes" else "data.options.shape"
+            source = synthetic if cfg.data.name == "synthetic" else f"data.name {cfg.data.name!r}"
+            errors.append(f"model.options.{key}: set from the data ({source}), not from model.options; remove it")
         elif accepted is not None and key not in accepted:
             close = difflib.get_close_matches(str(key), list(accepted), n=1)
             hint = (f"did you mean 'model.options.{close[0]}'?" if close else
