@@ -144,6 +144,7 @@ class SparseoptUpdate:
         self.params = {p.name: p.param for p in self.st.params}
         for n, p in self.params.items():
             p.grad = ref.grads[n].clone()
+        self.dense = {n: p.grad for n, p in self.params.items()}
         assert self.st.topology.is_update_step(0)
         assert all(self.st.topology.drop_count(0, ref.nnz[n]) == ref.n_drop[n] for n in ref.names)
 
@@ -163,7 +164,7 @@ class SparseoptUpdate:
 
     def run(self) -> None:
         with torch.no_grad():  # _update_masks runs inside the optimizer's pre-step hook, which is under no_grad
-            self.st._update_masks()
+            self.st._update_masks(self.dense)  # the dense gradients RigL grows from (the hooks' copy in training)
 
     def new_masks(self) -> dict[str, torch.Tensor]:
         return {n: self.st.masks[n].clone() for n in self.ref.names}
