@@ -164,6 +164,28 @@ def test_sparse_state_loads_across_wrappers(saved_under, loaded_under):
         assert torch.equal(mine, theirs)
 
 
+def test_sparse_state_of_a_lightning_module_loads_into_the_bare_model_and_back():
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self, net):
+            super().__init__()
+            self.model = net
+
+    net = mlp(widths=(10, 24, 24, 6))
+    saver = so.SparseTraining(Module(net), torch.optim.SGD(net.parameters(), lr=0.1), 0.3, seed=3)
+    state = roundtrip(saver.state_dict())
+    assert sorted(state["masks"]) == ["model.3.weight", "model.6.weight"]
+    bare = mlp(widths=(10, 24, 24, 6), seed=5)
+    loader = so.SparseTraining(bare, torch.optim.SGD(bare.parameters(), lr=0.1), 0.3, seed=9)
+    loader.load_state_dict(state)
+    again = mlp(widths=(10, 24, 24, 6), seed=8)
+    back = so.SparseTraining(Module(again), torch.optim.SGD(again.parameters(), lr=0.1), 0.3)
+    back.load_state_dict(roundtrip(loader.state_dict()))
+    for a, b, c in zip(saver.masks.values(), loader.masks.values(), back.masks.values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def test_names_that_truly_differ_are_a_clear_error():
     net = mlp(widths=(10, 24, 24, 6))
     sparse = so.SparseTraining(net, torch.optim.SGD(net.parameters(), lr=0.1), 0.3)
