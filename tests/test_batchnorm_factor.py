@@ -122,3 +122,14 @@ def test_config_keys_reach_the_preconditioner():
                                                           "scope": "bn_followed"}}))
     pre = build_experiment(cfg).sparse.preconditioner
     assert pre.factor_source == "batchnorm" and pre.bn_momentum == 0.5
+
+
+def test_bn_momentum_without_the_batchnorm_source_is_reported():
+    with pytest.warns(UserWarning, match="bn_momentum=0.5\\) has no effect with factor_source='fan_in'"):
+        so.SparseOpt(bn_momentum=0.5)
+    from sparseopt.experiments.configio import from_dict
+    from sparseopt.experiments.preflight import ignored_settings
+    from sparseopt.experiments.schema import RunConfig
+    cfg = from_dict(RunConfig, {"sparseopt": {"enabled": True, "bn_momentum": 0.5}})
+    assert any("sparseopt.bn_momentum 0.5 has no effect with sparseopt.factor_source 'fan_in'" in line
+               for line in ignored_settings(cfg))

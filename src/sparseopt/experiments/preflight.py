@@ -283,6 +283,8 @@ def ignored_settings(cfg: RunConfig) -> list[str]:
              "sparsity.initial_mask 'random'")
     if not cfg.sparseopt.enabled:
         note(changed("sparseopt", [f for f in vars(cfg.sparseopt) if f != "enabled"]), "sparseopt.enabled false")
+    elif cfg.sparseopt.factor_source == "fan_in":
+        note(changed("sparseopt", ["bn_momentum"]), "sparseopt.factor_source 'fan_in'")
     o = cfg.optim
     note(changed("optim", ["betas"] if o.name == "sgd" else ["momentum", "nesterov"]), f"optim.name {o.name!r}")
     if not o.ham:

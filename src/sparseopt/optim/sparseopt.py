@@ -83,6 +83,9 @@ class SparseOpt:
                              "normalize=False or mean_scope='global' form: keep normalize=True, mean_scope='layer'")
         if not 0 < bn_momentum <= 1:
             raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
+        if factor_source == "fan_in" and bn_momentum != 0.1:
+            warnings.warn(f"SparseOpt(bn_momentum={bn_momentum}) has no effect with factor_source='fan_in'; it "
+                          "smooths the measured sigma of factor_source='batchnorm'", stacklevel=2)
         self.normalize = normalize
         self.scope = scope
         self.regrow_gradient = regrow_gradient
