@@ -21,6 +21,9 @@ BENCHMARKS = [
     ("bench_rigl_update.py", "rigl_update", [], ["--reps", "3"]),
     ("bench_sparseopt_overhead.py", "sparseopt_overhead", [], ["--reps", "11"]),
     ("bench_hessian.py", "hessian", [], ["--reps", "5", "--seeds", "3"]),
+    ("bench_export.py", "export_t1", [], ["--reps", "3"]),
+    ("bench_core_overhead.py", "core_overhead", [], ["--reps", "11"]),
+    ("bench_sparse_linear.py", "sparse_linear_t1", ["--reps", "3"], ["--reps", "1", "--only", "e2e"]),
     ("bench_train_throughput.py", "train_throughput", ["--models", "resnet20", "--compile", ""],
      ["--models", "resnet20", "--compile", "", "--reps", "3", "--steps", "2"]),
     ("bench_input_pipeline.py", "input_pipeline", [], ["--images", "64", "--reps", "3"]),
@@ -49,6 +52,9 @@ def main(argv=None) -> int:
             continue
         data = json.loads(path.read_text())
         rows = data.get("rows") or data.get("rows_per_step")
+        if not rows:  # several tables: the script printed them
+            print(f"{name}: written to {path} (tables in its output above)")
+            continue
         base = rows[0]["name"]
         cells = ", ".join(f"{r['name']} {r['median_s']:.4g}s ({r['ratio_of_medians']:.3f}x)" for r in rows)
         print(f"{name} [medians, ratio to {base}]: {cells}; verdict {data.get('verdict')}")
