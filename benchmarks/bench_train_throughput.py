@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Contender, setup_torch, time_interleaved, write_json  # noqa: E402
 
-from sparseopt.experiments.configio import from_dict  # noqa: E402
-from sparseopt.experiments.runner import Runner  # noqa: E402
-from sparseopt.experiments.schema import RunConfig  # noqa: E402
+from sparseopt.experiments.config.load import from_dict  # noqa: E402
+from sparseopt.experiments.run.runner import Runner  # noqa: E402
+from sparseopt.experiments.config.schema import RunConfig  # noqa: E402
 
 SHAPES = {"resnet20": ([3, 32, 32], 100), "resnet50": ([3, 224, 224], 1000)}
 METHODS = {"dense": {"sparsity": {"method": "dense"}},

@@ -20,9 +20,9 @@ from collections import Counter
 
 import torch
 
-from sparseopt.experiments.configio import from_dict
-from sparseopt.experiments.runner import Runner
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.config.load import from_dict
+from sparseopt.experiments.run.runner import Runner
+from sparseopt.experiments.config.schema import RunConfig
 
 
 def main(argv=None) -> int:

@@ -114,9 +114,9 @@ def test_layers_without_a_following_batchnorm_are_named_and_keep_factor_one():
 
 def test_config_keys_reach_the_preconditioner():
     from helpers import TINY
-    from sparseopt.experiments.build import build_experiment
-    from sparseopt.experiments.configio import from_dict, merge
-    from sparseopt.experiments.schema import RunConfig
+    from sparseopt.experiments.run.build import build_experiment
+    from sparseopt.experiments.config.load import from_dict, merge
+    from sparseopt.experiments.config.schema import RunConfig
     cfg = from_dict(RunConfig, merge(TINY, {"sparsity": {"prune_first_layer": True},
                                             "sparseopt": {"factor_source": "batchnorm", "bn_momentum": 0.5,
                                                           "scope": "bn_followed"}}))
@@ -127,9 +127,9 @@ def test_config_keys_reach_the_preconditioner():
 def test_bn_momentum_without_the_batchnorm_source_is_reported():
     with pytest.warns(UserWarning, match="bn_momentum=0.5\\) has no effect with factor_source='fan_in'"):
         so.SparseOpt(bn_momentum=0.5)
-    from sparseopt.experiments.configio import from_dict
-    from sparseopt.experiments.preflight import ignored_settings
-    from sparseopt.experiments.schema import RunConfig
+    from sparseopt.experiments.config.load import from_dict
+    from sparseopt.experiments.run.preflight import ignored_settings
+    from sparseopt.experiments.config.schema import RunConfig
     cfg = from_dict(RunConfig, {"sparseopt": {"enabled": True, "bn_momentum": 0.5}})
     assert any("sparseopt.bn_momentum 0.5 has no effect with sparseopt.factor_source 'fan_in'" in line
                for line in ignored_settings(cfg))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparseopt.experiments.checkpoint import (FORMAT, VERSION, CheckpointManager, atomic_write, load_checkpoint,
+from sparseopt.experiments.run.checkpoint import (FORMAT, VERSION, CheckpointManager, atomic_write, load_checkpoint,
                                               save_checkpoint)
 from sparseopt.experiments.errors import UserError
 
@@ -88,7 +88,7 @@ def test_killed_writer_leaves_a_readable_checkpoint(tmp_path):
     path = tmp_path / "ckpt-00000001.pt"
     writer = (
         "import sys, torch\n"
-        "from sparseopt.experiments.checkpoint import save_checkpoint\n"
+        "from sparseopt.experiments.run.checkpoint import save_checkpoint\n"
         "save_checkpoint({'step': 0, 'w': torch.zeros(3)}, sys.argv[1])\n"
         "print('ready', flush=True)\n"
         "big = torch.ones(4_000_000)\n"

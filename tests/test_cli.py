@@ -12,7 +12,7 @@ import yaml
 from helpers import TINY
 
 from sparseopt.cli import main
-from sparseopt.experiments.checkpoint import load_checkpoint
+from sparseopt.experiments.run.checkpoint import load_checkpoint
 
 
 def write_config(tmp_path, config=TINY, name="config.yaml"):
@@ -207,9 +207,9 @@ def test_diagnose_hessian_on_a_run(tmp_path, capsys):
 
 
 def test_pruning_at_init_ham_and_renorm_are_reachable_from_configs(tmp_path):
-    from sparseopt.experiments.build import build_experiment
-    from sparseopt.experiments.configio import from_dict
-    from sparseopt.experiments.schema import RunConfig
+    from sparseopt.experiments.run.build import build_experiment
+    from sparseopt.experiments.config.load import from_dict
+    from sparseopt.experiments.config.schema import RunConfig
 
     config = {**TINY, "sparsity": {"method": "static", "density": 0.3, "initial_mask": "snip", "pai_batches": 2},
               "optim": {**TINY["optim"], "ham": True}, "sparseopt": {"enabled": True, "renormalize": "clip"},
@@ -229,8 +229,8 @@ def test_pruning_at_init_ham_and_renorm_are_reachable_from_configs(tmp_path):
 
 
 def test_config_prints_a_complete_template_that_validates(tmp_path, capsys):
-    from sparseopt.experiments.configio import from_dict
-    from sparseopt.experiments.schema import RunConfig
+    from sparseopt.experiments.config.load import from_dict
+    from sparseopt.experiments.config.schema import RunConfig
 
     assert main(["config", "--set", "sparsity.density=0.05"]) == 0
     data = yaml.safe_load(capsys.readouterr().out)

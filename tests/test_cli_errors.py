@@ -426,9 +426,9 @@ def test_safe_changes_are_accepted_listed_and_recorded(runs, tmp_path, capsys, m
 
 
 def test_grids_never_replace_a_run_of_another_config_without_being_told(runs, tmp_path):
-    from sparseopt.experiments.batch import run_many
-    from sparseopt.experiments.configio import ConfigError, from_dict
-    from sparseopt.experiments.schema import RunConfig
+    from sparseopt.experiments.studies.batch import run_many
+    from sparseopt.experiments.config.load import ConfigError, from_dict
+    from sparseopt.experiments.config.schema import RunConfig
 
     for name in ("a", "b"):
         shutil.copytree(runs / "done", tmp_path / name)

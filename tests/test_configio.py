@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparseopt.experiments.configio import (ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, merge,
+from sparseopt.experiments.config.load import (ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, merge,
                                             option, to_dict)
 from sparseopt.experiments.errors import UserError
 

@@ -60,10 +60,10 @@ def test_given_masks_must_have_constant_fan_in():
 
 def test_config_key_gives_constant_fan_in_runs():
     from helpers import TINY
-    from sparseopt.experiments.build import build_experiment
-    from sparseopt.experiments.configio import from_dict, merge
+    from sparseopt.experiments.run.build import build_experiment
+    from sparseopt.experiments.config.load import from_dict, merge
     from sparseopt.experiments.errors import UserError
-    from sparseopt.experiments.schema import RunConfig
+    from sparseopt.experiments.config.schema import RunConfig
     cfg = from_dict(RunConfig, merge(TINY, {"sparsity": {"constant_fan_in": True, "prune_first_layer": True}}))
     sparse = build_experiment(cfg).sparse
     assert all(fan_in(m).unique().numel() == 1 for m in sparse.masks.values())

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from sparseopt.experiments.coord_check import coord_check, plot_coord_check, spread
-from sparseopt.experiments.transfer import lr_sweep, optimum_shift, plot_lr_sweep
+from sparseopt.experiments.studies.coord_check import coord_check, plot_coord_check, spread
+from sparseopt.experiments.studies.transfer import lr_sweep, optimum_shift, plot_lr_sweep
 
 BLOCKS = ["blocks.0.attn", "blocks.0.ffn", "blocks.1.attn", "blocks.1.ffn"]
 

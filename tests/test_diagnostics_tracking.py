@@ -13,11 +13,11 @@ from torch import nn
 from sparseopt.cli import main
 from sparseopt.diagnostics.hessian import HessianOperator, lanczos
 from sparseopt.diagnostics.tracking import HessianTracker, ItopTracker, ScaleTracker
-from sparseopt.experiments.build import build_callbacks, build_experiment
-from sparseopt.experiments.callbacks import StepContext
-from sparseopt.experiments.checkpoint import load_checkpoint
-from sparseopt.experiments.configio import from_dict, load_yaml
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.run.build import build_callbacks, build_experiment
+from sparseopt.experiments.run.callbacks import StepContext
+from sparseopt.experiments.run.checkpoint import load_checkpoint
+from sparseopt.experiments.config.load import from_dict, load_yaml
+from sparseopt.experiments.config.schema import RunConfig
 
 TRACKERS = ["--set", "diagnostics.hessian_every=4", "--set", "diagnostics.hessian_samples=200",
             "--set", "diagnostics.hessian_physical_batch=128", "--set", "diagnostics.scales_every=6",
@@ -128,7 +128,7 @@ def test_report_draws_sharpness_and_itop(runs, tmp_path):
 def test_t_band_is_a_90_percent_t_interval():
     from scipy import stats
 
-    from sparseopt.experiments.report_eos import t_band
+    from sparseopt.experiments.report.eos import t_band
     steps, mean, low, high = t_band([{0: 1.0, 5: 2.0}, {0: 3.0, 5: 2.0}, {0: 2.0}])
     assert steps == [0] and mean == [2.0]
     assert high[0] - mean[0] == pytest.approx(stats.t.ppf(0.95, 2) * 1.0 / 3 ** 0.5)

@@ -9,8 +9,8 @@ from test_distributed import free_port
 from torch import nn
 
 from sparseopt.data import InMemoryLoader
-from sparseopt.experiments.distributed import DistInfo, broadcast_buffers
-from sparseopt.experiments.evaluation import evaluate
+from sparseopt.experiments.run.distributed import DistInfo, broadcast_buffers
+from sparseopt.experiments.run.evaluation import evaluate
 
 
 def model_and_data():

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from sparseopt.cli import main
-from sparseopt.experiments.configio import from_dict, load_yaml
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.config.load import from_dict, load_yaml
+from sparseopt.experiments.config.schema import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -58,10 +58,10 @@ def test_magnitude_drop_empties_a_small_neuron_and_neuron_normalized_drops_its_s
 def test_unknown_criterion_and_static_topology_are_named(tmp_path):
     with pytest.raises(ValueError, match="drop_criterion 'norm'"):
         so.RigL(drop_criterion="norm")
-    from sparseopt.experiments.build import build_experiment
-    from sparseopt.experiments.configio import from_dict, merge
+    from sparseopt.experiments.run.build import build_experiment
+    from sparseopt.experiments.config.load import from_dict, merge
     from sparseopt.experiments.errors import UserError
-    from sparseopt.experiments.schema import RunConfig
+    from sparseopt.experiments.config.schema import RunConfig
     cfg = from_dict(RunConfig, merge(TINY, {"sparsity": {"method": "static", "drop_criterion": "neuron_normalized"}}))
     with pytest.raises(UserError, match="sparsity.drop_criterion='neuron_normalized' needs masks that change"):
         build_experiment(cfg)

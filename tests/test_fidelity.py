@@ -3,7 +3,7 @@
 import json
 
 from sparseopt.cli import main
-from sparseopt.experiments.fidelity import fidelity
+from sparseopt.experiments.studies.fidelity import fidelity
 
 
 def test_fidelity_probes_and_grids_on_a_tiny_budget(tmp_path):

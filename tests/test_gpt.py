@@ -5,7 +5,7 @@ import torch
 
 import sparseopt as so
 from sparseopt.data.text import RandomWindowSampler, load_corpus, split_corpus, text_samplers
-from sparseopt.experiments.gpt_setup import build_gpt_run
+from sparseopt.experiments.studies.gpt_setup import build_gpt_run
 from sparseopt.models.gpt import GPT, GPTConfig, alibi_slopes
 from sparseopt.parameterization import Parameterization, layer_densities
 

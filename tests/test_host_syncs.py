@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import TINY
 
-from sparseopt.experiments.configio import from_dict
-from sparseopt.experiments.runner import Runner
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.config.load import from_dict
+from sparseopt.experiments.run.runner import Runner
+from sparseopt.experiments.config.schema import RunConfig
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 

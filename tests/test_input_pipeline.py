@@ -5,9 +5,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sparseopt.experiments.configio import from_dict
-from sparseopt.experiments.runner import Runner
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.config.load import from_dict
+from sparseopt.experiments.run.runner import Runner
+from sparseopt.experiments.config.schema import RunConfig
 
 
 def write_folder(root):

@@ -336,9 +336,9 @@ def test_hf_resnet_stem_and_batchnorm_layers_found_by_probing():
 
 
 def test_config_scope_takes_a_list_of_layer_names():
-    from sparseopt.experiments.build import build_sparse
-    from sparseopt.experiments.configio import ConfigError, from_dict
-    from sparseopt.experiments.schema import RunConfig
+    from sparseopt.experiments.run.build import build_sparse
+    from sparseopt.experiments.config.load import ConfigError, from_dict
+    from sparseopt.experiments.config.schema import RunConfig
 
     cfg = from_dict(RunConfig, {"name": "x", "sparsity": {"method": "static"},
                                 "sparseopt": {"enabled": True, "scope": ["plain", "fc.*"]}})

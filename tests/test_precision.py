@@ -9,11 +9,11 @@ from helpers import TINY, batch, convnet, mlp
 from torch import nn
 
 import sparseopt as so
-from sparseopt.experiments.checkpoint import load_checkpoint
-from sparseopt.experiments.configio import from_dict
-from sparseopt.experiments.precision import MixedPrecision
-from sparseopt.experiments.runner import Runner
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.run.checkpoint import load_checkpoint
+from sparseopt.experiments.config.load import from_dict
+from sparseopt.experiments.run.precision import MixedPrecision
+from sparseopt.experiments.run.runner import Runner
+from sparseopt.experiments.config.schema import RunConfig
 
 
 def config(**train):

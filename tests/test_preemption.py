@@ -7,7 +7,7 @@ import yaml
 from helpers import TINY
 
 from sparseopt.cli import main
-from sparseopt.experiments.checkpoint import load_checkpoint
+from sparseopt.experiments.run.checkpoint import load_checkpoint
 
 
 def write(tmp_path, name, config):

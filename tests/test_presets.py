@@ -6,7 +6,7 @@ import pytest
 
 from sparseopt.cli import main
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.presets import expand, load_preset, preset_names
+from sparseopt.experiments.studies.presets import expand, load_preset, preset_names
 
 
 @pytest.mark.parametrize("name", preset_names())

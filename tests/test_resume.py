@@ -7,10 +7,10 @@ from helpers import TINY
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparseopt.experiments.configio import from_dict, to_dict
+from sparseopt.experiments.config.load import from_dict, to_dict
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.resume import GROW_ONLY, SAFE_TO_CHANGE, config_changes, plan_resume
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.run.resume import GROW_ONLY, SAFE_TO_CHANGE, config_changes, plan_resume
+from sparseopt.experiments.config.schema import RunConfig
 
 BASE = to_dict(from_dict(RunConfig, TINY))
 LEAVES = {f"{section}.{key}": value for section, values in BASE.items() if isinstance(values, dict)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.runlog import RunLogger, progress, read_jsonl
+from sparseopt.experiments.run.runlog import RunLogger, progress, read_jsonl
 
 
 def read_csv(path) -> list[dict]:

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from sparseopt.cli import main
-from sparseopt.experiments.transfer import init_std_optimum, optimum_shift
+from sparseopt.experiments.studies.transfer import init_std_optimum, optimum_shift
 
 TINY = ["--lrs", "0.001,0.01", "--densities", "1,0.25", "--steps", "3", "--base-width", "16", "--workers", "1"]
 

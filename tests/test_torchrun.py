@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from sparseopt.cli import main
-from sparseopt.experiments.checkpoint import load_checkpoint
+from sparseopt.experiments.run.checkpoint import load_checkpoint
 
 CONFIG = {
     "name": "ddp",

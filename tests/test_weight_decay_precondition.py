@@ -110,8 +110,8 @@ def test_no_weight_decay_at_all_is_reported():
 
 def test_config_key_reaches_the_preconditioner():
     from helpers import TINY
-    from sparseopt.experiments.build import build_experiment
-    from sparseopt.experiments.configio import from_dict, merge
-    from sparseopt.experiments.schema import RunConfig
+    from sparseopt.experiments.run.build import build_experiment
+    from sparseopt.experiments.config.load import from_dict, merge
+    from sparseopt.experiments.config.schema import RunConfig
     cfg = from_dict(RunConfig, merge(TINY, {"sparseopt": {"precondition_weight_decay": True}}))
     assert build_experiment(cfg).sparse.preconditioner.precondition_weight_decay is True

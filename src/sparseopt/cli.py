@@ -9,9 +9,9 @@ import warnings
 from pathlib import Path
 
 from sparseopt.data.errors import DataError
-from sparseopt.experiments.configio import ConfigError, apply_overrides, from_dict, load_yaml
+from sparseopt.experiments.config.load import ConfigError, apply_overrides, from_dict, load_yaml
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.config.schema import RunConfig
 
 EXIT_BUG, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -151,7 +151,7 @@ def _load_config(path: str | None, overrides: list[str], resume: str | None) -> 
 
 
 def _cmd_train(args) -> int:
-    from sparseopt.experiments.runner import train
+    from sparseopt.experiments.run.runner import train
 
     if args.resume is not None and args.overwrite:
         raise UserError(f"--resume {args.resume} continues a run and --overwrite replaces it: choose one")
@@ -161,7 +161,7 @@ def _cmd_train(args) -> int:
     overrides = args.overrides + (["train.deterministic=true"] if args.deterministic else [])
     cfg = _load_config(args.config, overrides, args.resume)
     out = args.resume or args.out or str(Path("runs") / cfg.name)
-    from sparseopt.experiments.preflight import ConfigWarning, ignored_settings
+    from sparseopt.experiments.run.preflight import ConfigWarning, ignored_settings
 
     for line in ignored_settings(cfg):
         warnings.warn(line, ConfigWarning, stacklevel=1)
@@ -181,8 +181,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from sparseopt.experiments.report import make_report
-    from sparseopt.experiments.report_sweep import is_sweep_dir
+    from sparseopt.experiments.report.runs import make_report
+    from sparseopt.experiments.report.sweep import is_sweep_dir
 
     default = Path(args.runs[0]) if is_sweep_dir(args.runs[0]) else Path(args.runs[0]).resolve().parent
     out = args.out or str(default)
@@ -193,7 +193,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from sparseopt.experiments.demo import run_demo
+    from sparseopt.experiments.studies.demo import run_demo
 
     summary = run_demo(args.out, seeds=args.seeds, epochs=args.epochs, workers=args.workers,
                        overwrite=args.overwrite, quiet=args.quiet)
@@ -208,7 +208,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from sparseopt.experiments import diagnose
+    from sparseopt.experiments.studies import diagnose
 
     result = diagnose.sweep(args.out, kinds=args.kinds, lrs=args.lrs, densities=args.densities, widths=args.widths,
                             base_width=args.base_width, steps=args.steps, seeds=args.seeds, workers=args.workers,
@@ -237,7 +237,7 @@ def _cmd_sweep(args) -> int:
 def _cmd_config(args) -> int:
     import yaml
 
-    from sparseopt.experiments.configio import to_dict
+    from sparseopt.experiments.config.load import to_dict
 
     data = load_yaml(args.preset_or_file) if args.preset_or_file else {}
     cfg = from_dict(RunConfig, apply_overrides(data, args.overrides))
@@ -246,7 +246,7 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from sparseopt.experiments import presets
+    from sparseopt.experiments.studies import presets
 
     if args.list or not args.preset:
         for name in presets.preset_names():
@@ -274,7 +274,7 @@ def _cmd_reproduce(args) -> int:
 
 
 def _cmd_diagnose(args) -> int:
-    from sparseopt.experiments import diagnose
+    from sparseopt.experiments.studies import diagnose
 
     if args.diagnostic == "coord-check":
         result = diagnose.coord_check(args.out, kinds=args.kinds, widths=args.widths, densities=args.densities,
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_error([f"{err.strerror or err}{where}"])
         return EXIT_USER_ERROR
     except Exception as err:
-        from sparseopt.experiments.runner import Interrupted
+        from sparseopt.experiments.run.runner import Interrupted
 
         if isinstance(err, Interrupted):
             print(str(err), file=sys.stderr)
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Config warnings as one ``warning:`` line; other warnings keep where they came from."""
-    from sparseopt.experiments.preflight import ConfigWarning
+    from sparseopt.experiments.run.preflight import ConfigWarning
 
     text = str(message) if issubclass(category, ConfigWarning) else \
         f"{message} ({category.__name__}, {Path(filename).name}:{lineno})"

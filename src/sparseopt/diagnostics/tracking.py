@@ -1,6 +1,6 @@
 """Periodic diagnostics for the experiment runner (SPEC 4, 6): sharpness, gradient/weight/activation scales, ITOP.
 
-Each tracker follows the :class:`sparseopt.experiments.callbacks.Callback` protocol: it is called after the optimizer
+Each tracker follows the :class:`sparseopt.experiments.run.callbacks.Callback` protocol: it is called after the optimizer
 (and LR scheduler) step every ``every`` steps and returns a flat ``{key: float}`` logged under its ``name``.
 
 None of them changes anything observable by training: parameters, ``.grad``, BatchNorm buffers, module modes and the

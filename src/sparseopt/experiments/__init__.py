@@ -1,1 +1,2 @@
-"""Experiment plumbing: configs, checkpoints, logs and the run loop."""
+"""Experiment plumbing on top of the core: config/ (what a run is), run/ (doing one), report/ (comparing them),
+studies/ (grids and studies of many runs)."""

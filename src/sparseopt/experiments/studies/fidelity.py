@@ -24,11 +24,11 @@ from torch import nn
 
 import sparseopt as so
 from sparseopt.data.mnist import load_mnist_subset
-from sparseopt.experiments.batch import run_many
-from sparseopt.experiments.checkpoint import atomic_write
-from sparseopt.experiments.configio import from_dict, merge
-from sparseopt.experiments.report import make_report
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.studies.batch import run_many
+from sparseopt.experiments.run.checkpoint import atomic_write
+from sparseopt.experiments.config.load import from_dict, merge
+from sparseopt.experiments.report.runs import make_report
+from sparseopt.experiments.config.schema import RunConfig
 from sparseopt.health import loglog_slope
 from sparseopt.masks import fan_in
 from sparseopt.stats import paired_difference

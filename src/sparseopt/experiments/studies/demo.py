@@ -7,13 +7,13 @@ import json
 import statistics
 from pathlib import Path
 
-from sparseopt.experiments.checkpoint import atomic_write
-from sparseopt.experiments.configio import to_dict
+from sparseopt.experiments.run.checkpoint import atomic_write
+from sparseopt.experiments.config.load import to_dict
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.preflight import check_output_folder
-from sparseopt.experiments.report import make_report
-from sparseopt.experiments.batch import run_many
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.run.preflight import check_output_folder
+from sparseopt.experiments.report.runs import make_report
+from sparseopt.experiments.studies.batch import run_many
+from sparseopt.experiments.config.schema import RunConfig
 
 DEMO_DENSITY = 0.05
 

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
-from .errors import UserError
+from sparseopt.experiments.run.checkpoint import atomic_write
+from sparseopt.experiments.errors import UserError
 
 T = TypeVar("T")
 FORMATS = ("jsonl", "csv")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sparseopt.experiments.checkpoint import atomic_write
+from sparseopt.experiments.run.checkpoint import atomic_write
 from sparseopt.experiments.errors import UserError
 
 
@@ -16,7 +16,7 @@ def _write_json(path: Path, payload: dict) -> None:
 
 def _check_out(out: str | Path) -> None:
     """Fail before minutes of compute if the results could not be written."""
-    from sparseopt.experiments.preflight import check_output_folder
+    from sparseopt.experiments.run.preflight import check_output_folder
 
     check_output_folder(Path(out))
 
@@ -48,12 +48,12 @@ def hessian(run_dir: str | Path, out: str | Path | None = None, *, k: int = 4, s
     import torch
 
     from sparseopt.diagnostics import sharpness_report
-    from sparseopt.experiments.build import build_experiment
-    from sparseopt.experiments.checkpoint import find_checkpoints, load_checkpoint
-    from sparseopt.experiments.configio import from_dict, load_yaml
-    from sparseopt.experiments.preflight import check_output_folder
-    from sparseopt.experiments.runner import checkpoint_mismatch
-    from sparseopt.experiments.schema import RunConfig
+    from sparseopt.experiments.run.build import build_experiment
+    from sparseopt.experiments.run.checkpoint import find_checkpoints, load_checkpoint
+    from sparseopt.experiments.config.load import from_dict, load_yaml
+    from sparseopt.experiments.run.preflight import check_output_folder
+    from sparseopt.experiments.run.runner import checkpoint_mismatch
+    from sparseopt.experiments.config.schema import RunConfig
 
     for name, value, least in (("--k", k, 1), ("--samples", samples, 1), ("--trace-samples", trace_samples, 0)):
         if value < least:
@@ -101,7 +101,7 @@ def hessian(run_dir: str | Path, out: str | Path | None = None, *, k: int = 4, s
 def coord_check(out: str | Path, *, kinds: list[str], widths: list[int], densities: list[float], steps: int = 5,
                 seeds: int = 2) -> dict:
     """Paper 004 Fig. 5: activation scales over width and density for SP, muP and SuPar on the byte-level GPT."""
-    from sparseopt.experiments.coord_check import coord_check as run, plot_coord_check, spread
+    from sparseopt.experiments.studies.coord_check import coord_check as run, plot_coord_check, spread
 
     _check_out(out)
     result = run(kinds, widths, densities, steps=steps, seeds=range(seeds))
@@ -116,7 +116,7 @@ def coord_check(out: str | Path, *, kinds: list[str], widths: list[int], densiti
 def _sweep_one(kind: str, kwargs: dict) -> dict:
     import torch
 
-    from sparseopt.experiments.transfer import lr_sweep
+    from sparseopt.experiments.studies.transfer import lr_sweep
 
     torch.set_num_threads(1)
     return lr_sweep(kind, **kwargs)
@@ -170,7 +170,7 @@ def _json_keys(value):
 
 def sweep_summary(results: list[dict]) -> dict:
     """``{"results", "optimum_shift": {kind: ...}}`` plus ``"init_std_optimum": {kind: ...}`` when σ was swept."""
-    from sparseopt.experiments.transfer import init_std_optimum, optimum_shift
+    from sparseopt.experiments.studies.transfer import init_std_optimum, optimum_shift
 
     payload = {"results": results,
                "optimum_shift": {r["kind"]: _json_keys(optimum_shift(r)) for r in results}}
@@ -182,7 +182,7 @@ def sweep_summary(results: list[dict]) -> dict:
 
 def sweep_plots(results: list[dict], out: Path) -> list[Path]:
     """``lr_sweep.png`` (Fig. 1/6) and, when σ was swept, ``init_std_sweep.png``."""
-    from sparseopt.experiments.transfer import plot_init_std_sweep, plot_lr_sweep, swept_init_stds
+    from sparseopt.experiments.studies.transfer import plot_init_std_sweep, plot_lr_sweep, swept_init_stds
 
     plots = [plot_lr_sweep(results, out / "lr_sweep.png")]
     if any(swept_init_stds(r) for r in results):

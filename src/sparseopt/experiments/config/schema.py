@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sparseopt.experiments.configio import option
+from sparseopt.experiments.config.load import option
 
 
 @dataclass

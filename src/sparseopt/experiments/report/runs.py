@@ -8,13 +8,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparseopt.experiments.checkpoint import atomic_write
+from sparseopt.experiments.run.checkpoint import atomic_write
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.preflight import ConfigWarning, check_output_folder
-from sparseopt.experiments.report_eos import plot_itop, plot_sharpness
-from sparseopt.experiments.report_health import plot_health
-from sparseopt.experiments.report_paired import paired_comparisons, paired_table
-from sparseopt.experiments.runlog import read_jsonl
+from sparseopt.experiments.run.preflight import ConfigWarning, check_output_folder
+from sparseopt.experiments.report.eos import plot_itop, plot_sharpness
+from sparseopt.experiments.report.health import plot_health
+from sparseopt.experiments.report.paired import paired_comparisons, paired_table
+from sparseopt.experiments.run.runlog import read_jsonl
 from sparseopt.figures import save_png
 
 
@@ -194,10 +194,10 @@ def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
 def make_report(run_dirs: list[str | Path], out_dir: str | Path, target: float = 0.9) -> dict:
     """Write report.md, report.json and the PNG plots into ``out_dir``; return the summary rows and table.
 
-    Sweep folders (`sparseopt sweep`) go to :func:`sparseopt.experiments.report_sweep.make_sweep_report`."""
+    Sweep folders (`sparseopt sweep`) go to :func:`sparseopt.experiments.report.sweep.make_sweep_report`."""
     if not run_dirs:
         raise UserError("give at least one run folder to report on")
-    from sparseopt.experiments.report_sweep import is_sweep_dir, make_sweep_report
+    from sparseopt.experiments.report.sweep import is_sweep_dir, make_sweep_report
     if any(is_sweep_dir(p) for p in run_dirs):  # `sparseopt sweep` folders: paper 004 Fig. 1/6 report
         return make_sweep_report(run_dirs, out_dir)
     if not 0 < target <= 1:

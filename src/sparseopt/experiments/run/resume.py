@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparseopt.experiments.checkpoint import checkpoint_step, find_checkpoints
-from sparseopt.experiments.configio import from_dict, load_yaml, to_dict
+from sparseopt.experiments.run.checkpoint import checkpoint_step, find_checkpoints
+from sparseopt.experiments.config.load import from_dict, load_yaml, to_dict
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.config.schema import RunConfig
 
 #: Keys a resumed run may change; a trailing ".*" covers a whole section.
 SAFE_TO_CHANGE = ("train.epochs", "train.keep_last", "train.log_every", "train.eval_every", "train.device",

@@ -12,10 +12,10 @@ from torch import nn
 import sparseopt as so
 from sparseopt.data import build_datasets, dataset_options
 from sparseopt.data.registry import DataBundle
-from sparseopt.experiments import preflight
+from sparseopt.experiments.run import preflight
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.lr_schedule import warmup_cosine_scheduler
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.run.lr_schedule import warmup_cosine_scheduler
+from sparseopt.experiments.config.schema import RunConfig
 from sparseopt.models import build_model
 
 
@@ -139,7 +139,7 @@ def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
 def build_experiment(cfg: RunConfig) -> Experiment:
     """Everything a run needs, built before anything is written to disk (bad input fails here, cleanly).
 
-    The checks of :mod:`sparseopt.experiments.preflight` run as soon as what they need exists: model options
+    The checks of :mod:`sparseopt.experiments.run.preflight` run as soon as what they need exists: model options
     before the data, the schedule once the epoch length is known, one forward pass once the model is built, and
     the masks once they are drawn."""
     device = resolve_device(cfg.train.device)

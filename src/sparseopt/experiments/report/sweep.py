@@ -1,7 +1,7 @@
 """`sparseopt report SWEEP_DIR`: paper 004 Fig. 1/6 plots and the optimum tables from a `sparseopt sweep` folder.
 
 A sweep folder holds a ``results.json`` whose top level has ``"results"`` (one LR × density (× width × σ) grid
-per parameterization, as written by :func:`sparseopt.experiments.diagnose.sweep`); a training run's results.json
+per parameterization, as written by :func:`sparseopt.experiments.studies.diagnose.sweep`); a training run's results.json
 has ``"final"`` instead. Optima are recomputed from the rows, so sweeps written before the σ axis existed (rows
 without ``init_std``) report the same way.
 """
@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from sparseopt.experiments.checkpoint import atomic_write
+from sparseopt.experiments.run.checkpoint import atomic_write
 from sparseopt.experiments.errors import UserError
 
 
@@ -53,7 +53,7 @@ def _num(value: float | None, fmt: str = ".3g") -> str:
 
 def lr_optimum_table(results: list[dict]) -> tuple[str, list[dict]]:
     """Markdown table of the best LR per (kind, width, density[, init std]) and the rows behind it."""
-    from sparseopt.experiments.transfer import optimum_shift, swept_init_stds
+    from sparseopt.experiments.studies.transfer import optimum_shift, swept_init_stds
 
     with_sigma = any(swept_init_stds(r) for r in results)
     head = ["kind", "width", "density", *(["init std σ"] if with_sigma else []), "best LR (grid)",
@@ -75,7 +75,7 @@ def lr_optimum_table(results: list[dict]) -> tuple[str, list[dict]]:
 
 def init_std_table(results: list[dict]) -> tuple[str, list[dict]]:
     """Markdown table of the best σ per (kind, width, density) (empty string when σ was not swept)."""
-    from sparseopt.experiments.transfer import init_std_optimum
+    from sparseopt.experiments.studies.transfer import init_std_optimum
 
     head = ["kind", "width", "density", "best init std σ", "LR at it", "loss", "σ shift across densities (log2)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -98,7 +98,7 @@ def make_sweep_report(sweep_dirs: list[str | Path], out_dir: str | Path) -> dict
 
     Several sweep folders are pooled: their parameterizations become side-by-side panels.
     """
-    from sparseopt.experiments.diagnose import sweep_plots
+    from sparseopt.experiments.studies.diagnose import sweep_plots
 
     if not sweep_dirs:
         raise UserError("give at least one sweep folder to report on")

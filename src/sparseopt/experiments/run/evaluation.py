@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-from sparseopt.experiments.distributed import DistInfo, sum_over_ranks
+from sparseopt.experiments.run.distributed import DistInfo, sum_over_ranks
 
 Prepare = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

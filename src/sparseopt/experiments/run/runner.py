@@ -22,19 +22,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparseopt.experiments.build import Experiment, build_callbacks, build_experiment
-from sparseopt.experiments.callbacks import Callback, StepContext
-from sparseopt.experiments.checkpoint import CheckpointManager, atomic_write
-from sparseopt.experiments.configio import dump_yaml, to_dict
-from sparseopt.experiments.distributed import barrier, broadcast_buffers, init_from_env, max_over_ranks
+from sparseopt.experiments.run.build import Experiment, build_callbacks, build_experiment
+from sparseopt.experiments.run.callbacks import Callback, StepContext
+from sparseopt.experiments.run.checkpoint import CheckpointManager, atomic_write
+from sparseopt.experiments.config.load import dump_yaml, to_dict
+from sparseopt.experiments.run.distributed import barrier, broadcast_buffers, init_from_env, max_over_ranks
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.evaluation import evaluate
-from sparseopt.experiments.precision import MixedPrecision
-from sparseopt.experiments.preflight import ConfigWarning, check_output_folder
-from sparseopt.experiments.resume import describe, plan_resume
-from sparseopt.experiments.runlog import RunLogger, progress
-from sparseopt.experiments.schema import RunConfig
-from sparseopt.experiments.stopping import Interrupted, StopRequest, stop_on_signals
+from sparseopt.experiments.run.evaluation import evaluate
+from sparseopt.experiments.run.precision import MixedPrecision
+from sparseopt.experiments.run.preflight import ConfigWarning, check_output_folder
+from sparseopt.experiments.run.resume import describe, plan_resume
+from sparseopt.experiments.run.runlog import RunLogger, progress
+from sparseopt.experiments.config.schema import RunConfig
+from sparseopt.experiments.run.stopping import Interrupted, StopRequest, stop_on_signals
 
 __all__ = ["Interrupted", "Runner", "TrainingDiverged", "evaluate", "train"]
 
@@ -111,7 +111,7 @@ class _NoLogger:
 class Runner:
     """Trains one RunConfig into ``out``; ``run()`` returns the results dict it also writes as results.json.
 
-    Under ``torchrun`` every rank runs this; rank 0 alone writes (see :mod:`sparseopt.experiments.distributed`).
+    Under ``torchrun`` every rank runs this; rank 0 alone writes (see :mod:`sparseopt.experiments.run.distributed`).
     """
 
     def __init__(self, cfg: RunConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from sparseopt.data.registry import DataBundle
-from sparseopt.experiments.configio import ConfigError
+from sparseopt.experiments.config.load import ConfigError
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.config.schema import RunConfig
 from sparseopt.masks import fan_in, select_sparse_params
 from sparseopt.models.registry import DATA_ARGUMENTS, model_options
 
@@ -256,8 +256,8 @@ def ignored_settings(cfg: RunConfig) -> list[str]:
     something the user wrote and the run will not do. (Grids such as presets share bases across variants and
     would warn for every run, so only single runs are checked.)"""
     from sparseopt.data import dataset_options
-    from sparseopt.experiments.build import data_settings
-    from sparseopt.experiments.schema import RunConfig as Defaults
+    from sparseopt.experiments.run.build import data_settings
+    from sparseopt.experiments.config.schema import RunConfig as Defaults
 
     default, lines = Defaults(), []
 

@@ -12,13 +12,13 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from sparseopt.experiments.checkpoint import find_checkpoints
-from sparseopt.experiments.configio import ConfigError, from_dict, load_yaml, to_dict
+from sparseopt.experiments.run.checkpoint import find_checkpoints
+from sparseopt.experiments.config.load import ConfigError, from_dict, load_yaml, to_dict
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.resume import config_changes, describe
-from sparseopt.experiments.runlog import progress
-from sparseopt.experiments.runner import RUN_MARKERS, train
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.run.resume import config_changes, describe
+from sparseopt.experiments.run.runlog import progress
+from sparseopt.experiments.run.runner import RUN_MARKERS, train
+from sparseopt.experiments.config.schema import RunConfig
 
 
 def _state(cfg: RunConfig, out: str) -> str:

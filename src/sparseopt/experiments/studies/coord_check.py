@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sparseopt.data.text import RandomWindowSampler, load_corpus, split_corpus
-from sparseopt.experiments.gpt_setup import build_gpt_run
+from sparseopt.experiments.studies.gpt_setup import build_gpt_run
 from sparseopt.figures import save_png
 
 KINDS = ("sp", "mup", "supar")

@@ -16,14 +16,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from sparseopt.experiments.batch import run_many
-from sparseopt.experiments.checkpoint import atomic_write
-from sparseopt.experiments.configio import ConfigError, apply_overrides, from_dict, load_yaml, merge
-from sparseopt.experiments.distributed import init_from_env
+from sparseopt.experiments.studies.batch import run_many
+from sparseopt.experiments.run.checkpoint import atomic_write
+from sparseopt.experiments.config.load import ConfigError, apply_overrides, from_dict, load_yaml, merge
+from sparseopt.experiments.run.distributed import init_from_env
 from sparseopt.experiments.errors import UserError
-from sparseopt.experiments.preflight import check_output_folder
-from sparseopt.experiments.report import make_report
-from sparseopt.experiments.schema import RunConfig
+from sparseopt.experiments.run.preflight import check_output_folder
+from sparseopt.experiments.report.runs import make_report
+from sparseopt.experiments.config.schema import RunConfig
 
 
 @dataclass
@@ -145,8 +145,8 @@ def reproduce(name: str, out: str | Path, *, scale: str = "laptop", seeds: list[
 
 def _run_diagnostic(name: str, kind: str, args: dict, out: Path, seeds: list[int] | None, dry_run: bool) -> dict:
     """Presets that are a diagnostic command rather than a grid of training runs."""
-    from sparseopt.experiments import diagnose
-    from sparseopt.experiments.fidelity import fidelity
+    from sparseopt.experiments.studies import diagnose
+    from sparseopt.experiments.studies.fidelity import fidelity
 
     if seeds is not None:
         args["seeds"] = len(seeds)

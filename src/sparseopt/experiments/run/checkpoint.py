@@ -25,7 +25,7 @@ from typing import IO, Any, Literal
 
 import torch
 
-from .errors import UserError
+from sparseopt.experiments.errors import UserError
 
 FORMAT = "sparseopt-checkpoint"
 VERSION = 1

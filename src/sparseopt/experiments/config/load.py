@@ -31,8 +31,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from .checkpoint import atomic_write
-from .errors import UserError
+from sparseopt.experiments.run.checkpoint import atomic_write
+from sparseopt.experiments.errors import UserError
 
 T = TypeVar("T")
 

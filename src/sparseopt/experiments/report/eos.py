@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sparseopt.experiments.runlog import read_jsonl
+from sparseopt.experiments.run.runlog import read_jsonl
 from sparseopt.figures import save_png
 from sparseopt.stats import t_quantile
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sparseopt.experiments.report_eos import _pyplot, _rows, _save, _series, t_band
+from sparseopt.experiments.report.eos import _pyplot, _rows, _save, _series, t_band
 
 PANELS = (("dead", "dead (zero fan-in) neurons", False), ("norm_max_over_median", "max / median ||w_i||", True),
           ("sigma_slope", "BN σ_i vs k_i log-log slope", False), ("correction_ratio", "||corrected g|| / ||g||", False))

@@ -1,0 +1,1 @@
+"""Typed YAML configs: the schema, loading and validation."""

@@ -1,0 +1,1 @@
+"""`sparseopt report`: tables, paired statistics and plots from finished runs and sweeps."""

@@ -1,0 +1,1 @@
+"""One training run: build, loop, precision, evaluation, checkpoints, logs, resume, stops, DDP."""

@@ -1,0 +1,1 @@
+"""Studies built on runs: the demo, paper presets, batches of runs, diagnostics, SuPar transfer."""
