@@ -4,7 +4,8 @@ will be applied.
 
 The hook sits on the weight's ``AccumulateGrad`` node, not on the tensor: it runs for ``loss.backward()`` only,
 never for ``torch.autograd.grad`` (Hessian products, pruning scores keep seeing dense gradients). It is one
-multiply by the cached ``mask * c``, linear, so it composes with gradient accumulation and with DDP's all-reduce
+``where(mask, grad, 0)`` times the layer's per-neuron SparseOpt factors (a vector along the output axis, not a
+float copy of the mask: 4 bytes per neuron instead of per weight), linear, so it composes with gradient accumulation and with DDP's all-reduce
 (which reads the accumulated ``.grad``). On a mask-update step it also sums a dense copy of the incoming gradients,
 the original gradient RigL grows from.
 """
@@ -20,16 +21,17 @@ from sparseopt.masks import SparseParam
 
 
 class GradientMasking:
-    """Owns the AccumulateGrad pre-hooks of the sparse weights; ``scales`` is read at every call, so updating
-    the cached tensors in place is enough when masks change."""
+    """Owns the AccumulateGrad pre-hooks of the sparse weights; ``masks`` and ``rows`` (per-neuron factors, only
+    for preconditioned layers) are read at every call, so updating them is enough when masks or factors change."""
 
-    def __init__(self, params: Sequence[SparseParam], scales: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, params: Sequence[SparseParam], masks: Mapping[str, torch.Tensor],
+                 rows: Mapping[str, torch.Tensor]) -> None:
         self.collect_dense = False
         #: names whose ``.grad`` arrived through ``backward()`` (already transformed) since the last step
         self.arrived: set[str] = set()
         #: dense (unmasked) gradients summed over this step's backward passes, while ``collect_dense``
         self.dense: dict[str, torch.Tensor] = {}
-        self._params, self._scales = list(params), scales
+        self._params, self._masks, self._rows = list(params), masks, rows
         self._nodes, self._handles = {}, []
         self.attach()
 
@@ -54,7 +56,7 @@ class GradientMasking:
             if this.collect_dense:
                 this._add_dense(name, param, grad)
             this.arrived.add(name)
-            return (scaled_grad(grad, this._scales[name]),)
+            return (scaled_grad(grad, this._masks[name], this._rows.get(name)),)
         return masked
 
     def _add_dense(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -78,16 +80,15 @@ class GradientMasking:
         self._handles, self._nodes, self._params = [], {}, []
 
 
-def scaled_grad(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``grad * scale`` for a float ``mask * c``; for a bool mask (no factor) a ``torch.where``, which reads the
-    mask as bytes instead of converting it to floats first (measured 2.4x faster on 4096² than ``grad * mask``)."""
-    if scale.dtype == torch.bool:
-        return torch.where(scale, grad, grad.new_zeros(()))
-    return grad * scale
+def scaled_grad(grad: torch.Tensor, mask: torch.Tensor, row: torch.Tensor | None = None) -> torch.Tensor:
+    """``where(mask, grad, 0) * row``: the where reads the bool mask as bytes (measured 2.4x faster on 4096² than
+    ``grad * mask``); one multiply by the row factor in ``grad``'s dtype rounds exactly as ``grad * (mask * c)``
+    did on live weights."""
+    out = torch.where(mask, grad, grad.new_zeros(()))
+    return out if row is None else out.mul_(row)
 
 
-def scale_grad_(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def scale_grad_(t: torch.Tensor, mask: torch.Tensor, row: torch.Tensor | None = None) -> torch.Tensor:
     """In-place :func:`scaled_grad` (also zeroes inactive weights after a step)."""
-    if scale.dtype == torch.bool:
-        return torch.where(scale, t, t.new_zeros(()), out=t)
-    return t.mul_(scale)
+    torch.where(mask, t, t.new_zeros(()), out=t)
+    return t if row is None else t.mul_(row)

@@ -21,8 +21,8 @@ def state_bytes(sparse) -> dict[str, int]:
         "masks": _bytes(sparse.masks.values()),
         "fired": _bytes(sparse.fired.packed().values() if hasattr(sparse.fired, "packed")
                         else sparse.fired.values()),
-        # scales that are the masks themselves (no SparseOpt factor) cost nothing extra
-        "grad_scale": _bytes(s for n, s in getattr(sparse, "_grad_scale", {}).items() if s is not sparse.masks.get(n)),
+        # SparseOpt's per-neuron factors (the per-weight part of the gradient scale is the bool mask)
+        "grad_scale": _bytes(getattr(sparse, "_row_scale", {}).values()),
         "active": _bytes(getattr(sparse, "_active", {}).values()),
         "scratch": _bytes([getattr(sparse, "_scratch_buf", None)]),
     }

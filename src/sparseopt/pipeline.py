@@ -162,8 +162,8 @@ class SparseTraining:
         self._folded_decay: list[tuple[dict, float]] = []
         if self._fold_decay:
             self._check_decay_to_precondition()
-        self._grad_scale: dict[str, torch.Tensor] = {}
         self._row_factors: dict[str, torch.Tensor] = {}
+        self._row_scale: dict[str, torch.Tensor] = {}  # _row_factors in the weight's dtype: what gradients are scaled by
         self._scratch_buf: torch.Tensor | None = None
         self._refresh_grad_scales()
         self._canonical = {p.name: canonical_name(model, p.name) for p in self.params}
@@ -185,7 +185,7 @@ class SparseTraining:
         self._own_versions = self._weight_versions()
         self._unverified_load: dict[str, int] = {}
         self._closure_calls: list[int] | None = None
-        self._gradients = GradientMasking(self.params, self._grad_scale)
+        self._gradients = GradientMasking(self.params, self.masks, self._row_scale)
         self._gradients.collect_dense = self._dense_grad_needed()
         self.execution = None
         if sparse_execution:
@@ -313,9 +313,9 @@ class SparseTraining:
                                           out_axes=self.out_axes)
 
     def _refresh_grad_scales(self, changed: set[str] | None = None) -> None:
-        """mask * c in the weight's dtype: masking and preconditioning become a single multiply per step.
-        Only the layers in ``changed`` (all when None) are recomputed, in place; a global SparseOpt mean couples
-        all layers, so it recomputes all."""
+        """Per-neuron factors c in the weight's dtype, shaped to broadcast along the output axis: the gradient
+        scale is ``where(mask, grad, 0) * c``, with no per-weight float tensor. Only the layers in ``changed`` (all
+        when None) are recomputed; a global SparseOpt mean couples all layers, so it recomputes all."""
         if changed is None or (self.preconditioner is not None and self.preconditioner.mean_scope == "global"):
             changed = {p.name for p in self.params}
         scoped = {n: self.masks[n] for n in self._precondition_names if n in changed or
@@ -323,18 +323,8 @@ class SparseTraining:
         factors = self.preconditioner.factors(scoped, self._sigmas(), out_axes=self.out_axes) if scoped else {}
         self._row_factors.update(factors)
         for p in self.params:
-            if p.name not in changed:
-                continue
-            if p.name not in factors and p.name not in self._row_factors:
-                # no factor: the bool mask itself (no float copy of it; masking is a torch.where)
-                self._grad_scale[p.name] = self.masks[p.name]
-                continue
-            scale = self._grad_scale.get(p.name)
-            if scale is None or scale.dtype == torch.bool:
-                scale = self._grad_scale[p.name] = torch.empty(p.shape, dtype=p.param.dtype, device=p.param.device)
-            scale.copy_(self.masks[p.name])
             if p.name in factors:
-                scale.mul_(factors[p.name].to(p.param.dtype))
+                self._row_scale[p.name] = factors[p.name].to(device=p.param.device, dtype=p.param.dtype)
 
     @staticmethod
     def _distributed() -> bool:
@@ -390,7 +380,7 @@ class SparseTraining:
             if g is not None and p.name not in arrived:
                 if collect:
                     dense[p.name] = g.clone()
-                scale_grad_(g, self._grad_scale[p.name])
+                scale_grad_(g, self.masks[p.name], self._row_scale.get(p.name))
         # BatchNorm-measured factors follow the forward of this step (inside the closure, if there is one)
         if first and self._bn_scales is not None and self._bn_scales.update(self._distributed()):
             self._scales_stale = True
@@ -411,8 +401,8 @@ class SparseTraining:
             self._scales_stale = False
         if self._fold_decay:
             restore_weight_decay(self._folded_decay)  # a closure evaluated again: fold its gradient's decay too
-            self._folded_decay = fold_coupled_weight_decay_(optimizer, scales={id(p.param): self._grad_scale[p.name]
-                                                                             for p in self.params})
+            self._folded_decay = fold_coupled_weight_decay_(optimizer, scales={
+                id(p.param): (self.masks[p.name], self._row_scale.get(p.name)) for p in self.params})
         if self.renormalize is not None:
             reference = self._masked_grad_norm(optimizer)
             renormalize_([p.grad for p in self._with_grad(optimizer)], reference, self.renormalize)

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 
 import torch
 
+from sparseopt.grad_hooks import scaled_grad
+
 
 def is_decoupled(group: dict) -> bool:
     """Whether the group's decay is a multiplicative shrink outside the gradient (AdamW, Adam(decoupled=True))."""
@@ -30,10 +32,12 @@ def decoupled_groups(optimizer: torch.optim.Optimizer) -> list[int]:
 
 @torch.no_grad()
 def fold_coupled_weight_decay_(optimizer: torch.optim.Optimizer,
-                               scales: Mapping[int, torch.Tensor] | None = None) -> list[tuple[dict, float]]:
+                               scales: Mapping[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+                               ) -> list[tuple[dict, float]]:
     """``grad ← grad + λ·s⊙W`` for every parameter with a gradient in a group with coupled decay λ ≠ 0, and set
-    that group's ``weight_decay`` to 0. ``s`` is ``scales[id(param)]`` (SparseTraining's ``mask · c``: its
-    gradients are already multiplied, as backward accumulated them), 1 for parameters not in ``scales``. Returns
+    that group's ``weight_decay`` to 0. ``s`` is ``mask · row`` from ``scales[id(param)] = (mask, row)``
+    (SparseTraining's mask and per-neuron factors, ``row`` None for none: its gradients are already scaled so, as
+    backward accumulated them), 1 for parameters not in ``scales``. Returns
     ``(group, λ)`` pairs for :func:`restore_weight_decay`.
 
     Under ``maximize=True`` optimizers negate the gradient before adding λW, so the folded term is ``−λW``."""
@@ -47,7 +51,7 @@ def fold_coupled_weight_decay_(optimizer: torch.optim.Optimizer,
         for p in group["params"]:
             if p.grad is not None:
                 scale = scales.get(id(p))
-                p.grad.add_(p if scale is None else p * scale, alpha=alpha)
+                p.grad.add_(p if scale is None else scaled_grad(p, *scale), alpha=alpha)
         saved.append((group, decay))
         group["weight_decay"] = 0.0
     return saved
