@@ -3,7 +3,7 @@
 The per-step order of SPEC 10 lives here and only here. The user's loop (``loss.backward(); optimizer.step();
 scheduler.step()``, a closure-style ``optimizer.step(closure)``, or a framework's) does not change:
 
-    during backward   grad <- (mask * c) * grad as autograd accumulates it (masking and SparseOpt in one multiply,
+    during backward   grad <- where(mask, grad, 0) * c_row as autograd accumulates it (c_row: per-neuron factors,
                       see :mod:`sparseopt.grad_hooks`), so clipping and logging between backward() and step() see
                       the gradient that will be applied; on a mask-update step a dense copy is summed as well
     once the step's gradient exists (in step(), after the closure if one is given)
@@ -428,7 +428,7 @@ class SparseTraining:
 
     def _masked_grad_norm(self, optimizer) -> torch.Tensor:
         """τ: global norm over all the optimizer's gradients, sparse ones masked, before SparseOpt scaling (the
-        gradients hold mask * c * g by now: divide the factor out again)."""
+        gradients hold where(mask, g, 0) * c by now: divide the factor out again)."""
         inverse = {id(p.param): torch.where(c > 0, 1 / c, torch.zeros_like(c)).to(p.param.dtype)
                    for p in self.params if (c := self._row_factors.get(p.name)) is not None}
         return global_grad_norm([p.grad * inverse[id(p)] if id(p) in inverse else p.grad
