@@ -55,14 +55,14 @@ def sparse_options():
                 preconditioner=so.SparseOpt())
 
 
-def fit(tmp, module, ckpt_path=None, extra_callbacks=(), sparse=None, **trainer_options):
+def fit(tmp, module, ckpt_path=None, extra_callbacks=(), sparse=None, loader=None, **trainer_options):
     cb = SparseTrainingCallback(**(sparse or sparse_options()))
     ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     options = dict(max_epochs=EPOCHS, accumulate_grad_batches=ACCUMULATE, accelerator="cpu", devices=1,
                    logger=CSVLogger(tmp, name="logs"), log_every_n_steps=1, enable_progress_bar=False,
                    enable_model_summary=False, enable_checkpointing=True, deterministic=True)
     trainer = pl.Trainer(callbacks=[cb, ckpt, *extra_callbacks], **{**options, **trainer_options})
-    trainer.fit(module, images(), ckpt_path=ckpt_path)
+    trainer.fit(module, loader or images(), ckpt_path=ckpt_path)
     return trainer, cb
 
 
@@ -214,3 +214,85 @@ def test_example_runs(capsys):
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "lightning_trainer.py"), run_name="__main__")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("resumed to step") and "density 0.2" in last
+
+
+
+MID_EPOCH_STEP = 5  # epoch 1 holds steps 4..6; RigL updates at 2, 4 (before the checkpoint) and 6, 8 (after)
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader with Lightning's ``state_dict``/``load_state_dict`` interface: it remembers how many batches of
+    the epoch it gave out, and a restored one skips them (what ``torchdata``'s ``StatefulDataLoader`` does)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._given, self._skip = 0, 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._given = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self._given = i + 1
+                yield batch
+
+    def state_dict(self):
+        return {"given": self._given}
+
+    def load_state_dict(self, state):
+        self._skip = state["given"]
+
+
+def resumable_images():
+    plain = images()
+    return ResumableLoader(plain.dataset, batch_size=plain.batch_size, shuffle=False)
+
+
+def mid_epoch_checkpoint(tmp, loader):
+    steps = ModelCheckpoint(dirpath=tmp / "steps", save_top_k=-1, every_n_train_steps=MID_EPOCH_STEP,
+                            filename="{step}")
+    fit(tmp / "first", Classifier(), extra_callbacks=[steps], max_steps=MID_EPOCH_STEP, loader=loader)
+    mid = tmp / "steps" / f"step={MID_EPOCH_STEP}.ckpt"
+    saved = torch.load(mid, weights_only=False)
+    assert saved["global_step"] == MID_EPOCH_STEP
+    return mid, saved
+
+
+def test_resume_from_a_mid_epoch_checkpoint_matches_the_uninterrupted_run_bit_identically(uninterrupted, tmp_path):
+    full_tmp, full_module, _, full_cb = uninterrupted
+    mid, saved = mid_epoch_checkpoint(tmp_path, resumable_images())
+    sparse_state = saved["callbacks"][full_cb.state_key]
+    assert sparse_state["step"] == MID_EPOCH_STEP and MID_EPOCH_STEP % (BATCHES // ACCUMULATE) != 0
+    # the masks moved after the checkpoint too: the resumed run's own RigL updates are under test
+    assert any(not torch.equal(sparse_state["masks"][n], m) for n, m in full_cb.sparse.masks.items())
+    module = Classifier(seed=1)
+    _, cb = fit(tmp_path / "resumed", module, ckpt_path=mid, loader=resumable_images())
+    assert cb.sparse.step_count == full_cb.sparse.step_count
+    for name, mask in full_cb.sparse.masks.items():
+        assert torch.equal(cb.sparse.masks[name], mask), name
+        assert torch.equal(cb.sparse.fired[name], full_cb.sparse.fired[name]), name
+    resumed = module.state_dict()
+    for name, value in full_module.state_dict().items():
+        assert torch.equal(resumed[name], value), name
+
+
+def test_a_mid_epoch_resume_with_a_plain_dataloader_warns_that_it_diverges(uninterrupted, tmp_path):
+    _, full_module, _, _ = uninterrupted
+    mid, _ = mid_epoch_checkpoint(tmp_path, images())
+    module = Classifier(seed=1)
+    with pytest.warns(UserWarning, match="MID-EPOCH checkpoint.*StatefulDataLoader"):
+        fit(tmp_path / "resumed", module, ckpt_path=mid)
+    # what the warning says: Lightning fed the epoch's first batches again, so the run differs
+    assert any(not torch.equal(module.state_dict()[n], v) for n, v in full_module.state_dict().items())
+
+
+def test_resuming_at_an_epoch_boundary_or_with_a_resumable_dataloader_does_not_warn(uninterrupted, tmp_path):
+    import warnings
+
+    full_tmp, _, _, _ = uninterrupted
+    mid, _ = mid_epoch_checkpoint(tmp_path, resumable_images())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path / "boundary", Classifier(), ckpt_path=full_tmp / "ckpt" / "epoch=0.ckpt")
+        fit(tmp_path / "resumable", Classifier(), ckpt_path=mid, loader=resumable_images())
+    assert not [w for w in caught if "MID-EPOCH" in str(w.message)]

@@ -12,6 +12,7 @@ import sparseopt as so
 from sparseopt.integrations.transformers import STATE_FILE, SparseTrainingCallback
 
 STEPS, SAVE_AT, MAX_NORM = 8, 4, 0.05
+STEPS_PER_EPOCH = 6  # 48 images, batches of 4, accumulation 2
 
 
 class Images(torch.utils.data.Dataset):
@@ -100,6 +101,13 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run_bit_identically(un
     full_out, full_cb, full = uninterrupted
     out = tmp_path / "resumed"
     shutil.copytree(full_out / f"checkpoint-{SAVE_AT}", out / f"checkpoint-{SAVE_AT}")
+    saved = torch.load(out / f"checkpoint-{SAVE_AT}" / STATE_FILE, weights_only=False)
+    topology = full_cb.sparse.topology  # the checkpoint falls mid-epoch, between two mask updates
+    assert SAVE_AT % STEPS_PER_EPOCH != 0
+    assert topology.is_update_step(SAVE_AT - 1) and topology.is_update_step(SAVE_AT + 2)
+    assert not any(topology.is_update_step(s) for s in range(SAVE_AT, SAVE_AT + 2))
+    # and the masks moved after it: the resumed run's own RigL update is under test
+    assert any(not torch.equal(saved["masks"][n], m) for n, m in full_cb.sparse.masks.items())
     cb = sparse_callback()
     t = trainer(out, [cb], model=resnet(seed=1))  # a different init: everything must come from the checkpoint
     t.train(resume_from_checkpoint=True)

@@ -12,11 +12,15 @@ logs ``sparseopt/density`` and ``sparseopt/itop`` through ``LightningModule.log`
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities import CombinedLoader
 
 from sparseopt.integrations._attach import attach, metrics
 from sparseopt.pipeline import SparseTraining
@@ -27,6 +31,26 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     while isinstance(optimizer, LightningOptimizer):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def warn_if_mid_epoch_resume_repeats_data(trainer: pl.Trainer) -> None:
+    """Lightning restarts a dataloader without ``state_dict``/``load_state_dict`` at the FIRST batch of the epoch
+    when resuming a mid-epoch checkpoint, so the rest of that epoch sees other batches than the uninterrupted run:
+    the gradients, hence RigL's grow scores, the masks and the ITOP diverge. Say so instead of diverging silently."""
+    batches = trainer.num_training_batches
+    if trainer.ckpt_path is None or not isinstance(batches, int) or batches == 0:
+        return
+    steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    loaders = CombinedLoader(trainer.train_dataloader).flattened
+    if trainer.global_step % steps_per_epoch == 0 or all(isinstance(loader, _Stateful) for loader in loaders):
+        return
+    warnings.warn(f"resuming sparse training from {trainer.ckpt_path}, a MID-EPOCH checkpoint (step "
+                  f"{trainer.global_step}, {steps_per_epoch} steps per epoch), with a dataloader that has no "
+                  "state_dict/load_state_dict: Lightning restarts it at the epoch's first batch, so the rest of "
+                  "this epoch trains on other batches than the uninterrupted run and the weights, masks and ITOP "
+                  "will differ from it. Fix: a resumable dataloader (torchdata.stateful_dataloader."
+                  "StatefulDataLoader, or state_dict/load_state_dict on your own), or resume from an end-of-epoch "
+                  "checkpoint", UserWarning, stacklevel=2)
 
 
 class SparseTrainingCallback(pl.Callback):
@@ -71,6 +95,7 @@ class SparseTrainingCallback(pl.Callback):
                 saved = self.sparse.state_dict()
             self.sparse.remove()
         self.sparse = attach(pl_module, optimizer, self.options, saved)
+        warn_if_mid_epoch_resume_repeats_data(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
