@@ -51,6 +51,19 @@ def checkpoint_mismatch(checkpoint: Path | None, config: Path, err: Exception) -
                      f"({detail}); was config.yaml edited? restore it (results.json keeps a copy for finished runs)")
 
 
+def restore_model_state(exp: Experiment, state: dict, checkpoint: Path | None, config: Path) -> None:
+    """Load a checkpoint's model, optimizer and sparse state into ``exp``; a misfit is one line naming both files."""
+    try:
+        exp.model.load_state_dict(state["model"])
+        exp.optimizer.load_state_dict(state["optimizer"])
+        if (state["sparse"] is None) != (exp.sparse is None):
+            raise ValueError("the checkpoint and the config disagree on whether the model is sparse")
+        if exp.sparse is not None:
+            exp.sparse.load_state_dict(state["sparse"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise checkpoint_mismatch(checkpoint, config, err) from err
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -180,14 +193,9 @@ class Runner:
         if state is None:
             raise UserError(f"cannot resume: {self.out / 'checkpoints'} holds no checkpoint")
         e = self.exp
+        restore_model_state(e, state, self.ckpt.latest(), self.out / "config.yaml")
         try:
-            e.model.load_state_dict(state["model"])
-            e.optimizer.load_state_dict(state["optimizer"])
             e.scheduler.load_state_dict(state["scheduler"])
-            if (state["sparse"] is None) != (e.sparse is None):
-                raise ValueError("the checkpoint and the config disagree on whether the model is sparse")
-            if e.sparse is not None:
-                e.sparse.load_state_dict(state["sparse"])
             e.data.train.load_state_dict(state["loader"])
         except (KeyError, ValueError, RuntimeError) as err:
             raise checkpoint_mismatch(self.ckpt.latest(), self.out / "config.yaml", err) from err

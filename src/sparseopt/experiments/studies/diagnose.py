@@ -52,7 +52,7 @@ def hessian(run_dir: str | Path, out: str | Path | None = None, *, k: int = 4, s
     from sparseopt.experiments.run.checkpoint import find_checkpoints, load_checkpoint
     from sparseopt.experiments.config.load import from_dict, load_yaml
     from sparseopt.experiments.run.preflight import check_output_folder
-    from sparseopt.experiments.run.runner import checkpoint_mismatch
+    from sparseopt.experiments.run.runner import restore_model_state
     from sparseopt.experiments.config.schema import RunConfig
 
     for name, value, least in (("--k", k, 1), ("--samples", samples, 1), ("--trace-samples", trace_samples, 0)):
@@ -70,15 +70,7 @@ def hessian(run_dir: str | Path, out: str | Path | None = None, *, k: int = 4, s
     cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"))
     exp = build_experiment(cfg)
     state = load_checkpoint(checkpoints[-1], map_location=exp.device)
-    try:
-        exp.model.load_state_dict(state["model"])
-        exp.optimizer.load_state_dict(state["optimizer"])
-        if (state["sparse"] is None) != (exp.sparse is None):
-            raise ValueError("the checkpoint and the config disagree on whether the model is sparse")
-        if exp.sparse is not None:
-            exp.sparse.load_state_dict(state["sparse"])
-    except (KeyError, ValueError, RuntimeError) as err:
-        raise checkpoint_mismatch(checkpoints[-1], run_dir / "config.yaml", err) from err
+    restore_model_state(exp, state, checkpoints[-1], run_dir / "config.yaml")
     loader = exp.data.train
     if not hasattr(loader, "x"):
         raise UserError("diagnose hessian needs an in-memory dataset (mnist, cifar, synthetic)")
