@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Contender, format_table, setup_torch, summarize, time_interleaved, write_json  # noqa: E402
+from common import (Contender, TimedStep, format_table, setup_torch, summarize,  # noqa: E402
+                    time_interleaved, write_json)
 
 import sparseopt as so  # noqa: E402
 from sparseopt.memory import parameter_bytes, state_bytes  # noqa: E402
@@ -43,21 +43,12 @@ def sparse_training(model, opt, mode):
                              preconditioner=so.SparseOpt() if mode == "rigl+so" else None)
 
 
-class Trainer:
+class Trainer(TimedStep):
     def __init__(self, model, mode, x, y):
         self.model, self.x, self.y = model, x, y
         self.opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         self.st = sparse_training(model, self.opt, mode)
         model.train()
-
-    def prepare(self):
-        if self.st is not None:
-            self.st.step_count = 1
-
-    def run(self):
-        self.opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(self.x), self.y).backward()
-        self.opt.step()
 
 
 def step_rows(name, base, x, y, reps):

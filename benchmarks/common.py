@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -126,3 +127,18 @@ def write_json(name: str, payload: dict) -> Path:
     payload = {"benchmark": name, "environment": environment(), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+class TimedStep:
+    """One timed SGD training step (zero_grad, forward, cross-entropy, backward, step) on a fixed batch.
+    Subclasses set ``model``, ``opt``, ``st`` (a SparseTraining or None), ``x`` and ``y``; ``prepare`` keeps a RigL
+    schedule off its update steps, so every repetition times an ordinary step."""
+
+    def prepare(self):
+        if self.st is not None:
+            self.st.step_count = 1
+
+    def run(self):
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()

@@ -97,10 +97,8 @@ def test_density_and_itop_reach_the_logger(uninterrupted):
     assert itop == sorted(itop) and itop[-1] == pytest.approx(cb.sparse.itop())
 
 
-def test_resume_from_ckpt_path_matches_the_uninterrupted_run_bit_identically(uninterrupted, tmp_path):
-    full_tmp, full_module, _, full_cb = uninterrupted
-    module = Classifier(seed=1)  # a different init: everything must come from the checkpoint
-    _, cb = fit(tmp_path, module, ckpt_path=full_tmp / "ckpt" / "epoch=0.ckpt")
+def assert_same_training(cb, module, full_cb, full_module):
+    """Bit-identical step count, masks, ITOP record, weights and buffers."""
     assert cb.sparse.step_count == full_cb.sparse.step_count
     for name, mask in full_cb.sparse.masks.items():
         assert torch.equal(cb.sparse.masks[name], mask), name
@@ -108,6 +106,13 @@ def test_resume_from_ckpt_path_matches_the_uninterrupted_run_bit_identically(uni
     resumed = module.state_dict()
     for name, value in full_module.state_dict().items():
         assert torch.equal(resumed[name], value), name
+
+
+def test_resume_from_ckpt_path_matches_the_uninterrupted_run_bit_identically(uninterrupted, tmp_path):
+    full_tmp, full_module, _, full_cb = uninterrupted
+    module = Classifier(seed=1)  # a different init: everything must come from the checkpoint
+    _, cb = fit(tmp_path, module, ckpt_path=full_tmp / "ckpt" / "epoch=0.ckpt")
+    assert_same_training(cb, module, full_cb, full_module)
 
 
 def test_resuming_a_checkpoint_without_sparse_state_is_an_error(uninterrupted, tmp_path):
@@ -267,13 +272,7 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_the_uninterrupted_run_bit_id
     assert any(not torch.equal(sparse_state["masks"][n], m) for n, m in full_cb.sparse.masks.items())
     module = Classifier(seed=1)
     _, cb = fit(tmp_path / "resumed", module, ckpt_path=mid, loader=resumable_images())
-    assert cb.sparse.step_count == full_cb.sparse.step_count
-    for name, mask in full_cb.sparse.masks.items():
-        assert torch.equal(cb.sparse.masks[name], mask), name
-        assert torch.equal(cb.sparse.fired[name], full_cb.sparse.fired[name]), name
-    resumed = module.state_dict()
-    for name, value in full_module.state_dict().items():
-        assert torch.equal(resumed[name], value), name
+    assert_same_training(cb, module, full_cb, full_module)
 
 
 def test_a_mid_epoch_resume_with_a_plain_dataloader_warns_that_it_diverges(uninterrupted, tmp_path):
