@@ -443,12 +443,16 @@ class SparseTraining:
         self._closure_calls = None
         restore_weight_decay(self._folded_decay)
         self._folded_decay = []
-        for p in self.params:
-            scale_grad_(p.param, self.masks[p.name])  # a bool where(), not a bool->float copy and multiply
+        self._remask_weights()
         self.step_count += 1
         self._own_versions = self._weight_versions()
         self._gradients.collect_dense = self._dense_grad_needed()
         self._gradients.attach()
+
+    def _remask_weights(self) -> None:
+        """Zero the inactive weights again after the optimizer step (an optimizer may move them: decay, noise)."""
+        for p in self.params:
+            scale_grad_(p.param, self.masks[p.name])  # a bool where(), not a bool->float copy and multiply
 
     def _grow_gradients(self, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The original dense gradients (averaged over ranks), or the SparseOpt-corrected ones if configured."""
