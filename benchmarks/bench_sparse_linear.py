@@ -35,7 +35,8 @@ from common import (Contender, TimedStep, format_table, setup_torch, summarize, 
                     time_interleaved, write_json)
 
 import sparseopt as so  # noqa: E402
-from sparseopt.execution.training import SparseLinearLayout, _SparseLinearFunction  # noqa: E402
+from sparseopt.execution.layout import SparseLinearLayout  # noqa: E402
+from sparseopt.execution.training import _SparseLinearFunction  # noqa: E402
 
 SHAPES = [(1024, 1024), (4096, 4096), (16384, 4096)]
 DENSITIES = [0.3, 0.2, 0.1, 0.05, 0.02]
