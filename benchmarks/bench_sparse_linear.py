@@ -1,9 +1,9 @@
 """Sparse execution of Linear layers: per layer (forward + input gradient + weight gradient) and end to end.
 
-Per layer: ``F.linear`` on a masked dense weight (what masked-dense training runs) vs sparseopt's CSR autograd
-function (CSR forward, CSR input gradient, SDDMM weight gradient on the active entries), one timed call =
-forward + backward with random output gradients; shapes 1024x1024, 4096x4096, 16384x4096 (out x in), densities
-0.3/0.2/0.1/0.05/0.02, batch 1/64/256.
+Per layer: one timed call = forward, input gradient and weight gradient with random output gradients: the three
+dense products on a masked dense weight (what masked-dense training runs) vs SparseLinearLayout's CSR forward, CSR
+input gradient and SDDMM weight gradient on the compact (nnz,) values; shapes 1024x1024, 4096x4096, 16384x4096
+(out x in), densities 0.3/0.2/0.1/0.05/0.02, batch 1/64/256.
 
 End to end: the BatchNorm MLP 4096-4096-4096-10 (Linear without bias, BatchNorm1d, ReLU), all Linear weights sparse
 (``prune_first_layer=True``, uniform density 0.05), batch 256, SGD(lr=0.1, momentum=0.9, weight_decay=5e-4),
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (Contender, TimedStep, format_table, setup_torch, summarize,  # noqa: E402
@@ -36,7 +35,6 @@ from common import (Contender, TimedStep, format_table, setup_torch, summarize, 
 
 import sparseopt as so  # noqa: E402
 from sparseopt.execution.layout import SparseLinearLayout  # noqa: E402
-from sparseopt.execution.training import _SparseLinearFunction  # noqa: E402
 
 SHAPES = [(1024, 1024), (4096, 4096), (16384, 4096)]
 DENSITIES = [0.3, 0.2, 0.1, 0.05, 0.02]
@@ -44,32 +42,34 @@ BATCHES = [1, 64, 256]
 
 
 def layer_rows(reps: int, shapes=SHAPES, densities=DENSITIES, batches=BATCHES) -> list[dict]:
+    """One timed call = forward, input gradient and weight gradient of one layer: the three dense products on the
+    masked dense weight vs SparseLinearLayout's three on the compact (nnz,) values (the weight gradient as values
+    at the active entries only, what the sparse path's optimizer holds)."""
     out = []
     g = torch.Generator().manual_seed(0)
     for (o, i) in shapes:
         for d in densities:
             mask = torch.rand(o, i, generator=g) < d
-            w = (torch.randn(o, i, generator=g) * mask).requires_grad_()
+            w = torch.randn(o, i, generator=g) * mask
             layout = SparseLinearLayout(nn.Linear(i, o, bias=False), mask)
+            values = w.reshape(-1)[layout.flat]
             for b in batches:
-                x = torch.randn(b, i, generator=g).requires_grad_()
+                x = torch.randn(b, i, generator=g)
                 gy = torch.randn(b, o, generator=g)
 
                 def dense(x=x, gy=gy):
-                    F.linear(x, w).backward(gy)
-                    w.grad = x.grad = None
+                    return x @ w.t(), gy @ w, gy.t() @ x
 
-                def sparse(x=x, gy=gy, layout=layout):
-                    _SparseLinearFunction.apply(x, w, None, layout, False).backward(gy)
-                    w.grad = x.grad = None
+                def sparse(x=x, gy=gy, layout=layout, values=values):
+                    return layout.forward(values, x), layout.input_grad(values, gy), layout.weight_grad(gy, x)
                 r = reps * (4 if b == 1 else 1)
                 times = time_interleaved([Contender("dense", dense), Contender("sparse", sparse)], reps=r,
                                          warmup=1, progress=False)
                 rows = summarize(times, "dense")
                 s = rows[1]
-                out.append({"out": o, "in": i, "density": d, "batch": b, "dense_ms": rows[0]["median_s"] * 1e3,
-                            "sparse_ms": s["median_s"] * 1e3, "speedup": 1 / s["ratio_of_medians"],
-                            "paired_speedup": 1 / s["median_paired_ratio"]})
+                out.append({"out": o, "in": i, "density": d, "batch": b, "nnz": layout.nnz,
+                            "dense_ms": rows[0]["median_s"] * 1e3, "sparse_ms": s["median_s"] * 1e3,
+                            "speedup": 1 / s["ratio_of_medians"], "paired_speedup": 1 / s["median_paired_ratio"]})
                 print(f"{o:>5}x{i:<5} density {d:<5} batch {b:>3}: dense {out[-1]['dense_ms']:9.3f} ms  sparse "
                       f"{out[-1]['sparse_ms']:9.3f} ms  speedup {out[-1]['speedup']:5.2f}x "
                       f"(paired {out[-1]['paired_speedup']:5.2f}x)", flush=True)

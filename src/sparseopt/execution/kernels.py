@@ -1,8 +1,10 @@
-"""The three products of a sparse Linear layer on ``torch.sparse_csr`` tensors, blocked over the batch.
+"""The three products of a sparse Linear layer on ``torch.sparse_csr`` tensors (MKL's CSR x dense product and
+torch's SDDMM), each one call over the whole batch.
 
-``torch``'s CSR-times-dense product walks, for every non-zero ``W[i, j]``, one row ``j`` of the dense operand.
-When that operand is a whole batch (4096 × 256 floats = 4 MiB) the rows fall out of the per-core L2 cache; cut into
-column blocks of 64 (1 MiB) they stay in it, which measured 2x faster on 4096² at density 0.05 (benchmarks/README).
+No batch blocking: on the AMD EPYC Zen4 development machine (2 MiB L2 per core) one whole-batch CSR product beat
+64- and 128-column blocks at 4096², density 0.05, batch 256 (1 thread, benchmarks/README), so the blocks that paid
+on the former Intel machine are gone. The dense operand is made contiguous in the transposed (in x batch) layout
+first: MKL on a column-major operand (``x.t()`` as a view, or a column-major ``out=``) measured 5x slower.
 """
 
 from __future__ import annotations
@@ -10,10 +12,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-
-#: Batch columns per block: 64 x 4096 floats = 1 MiB, the size that fits the L2 cache of the development CPU.
-BLOCK = 64
-
 
 
 def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -30,25 +28,17 @@ def to_csr(dense: torch.Tensor) -> torch.Tensor:
         return dense.to_sparse_csr()
 
 
-def csr_matmul_t(w: torch.Tensor, x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """``x @ w.T`` for a CSR ``w`` (out × in) and a dense ``x`` (batch × in), as ``(w @ x.T).T`` in batch blocks."""
-    if x.shape[0] <= block:
-        return (w @ x.t().contiguous()).t()
-    out = x.new_empty(x.shape[0], w.shape[0])
-    for start in range(0, x.shape[0], block):
-        chunk = x[start:start + block]
-        out[start:start + block] = (w @ chunk.t().contiguous()).t()
-    return out
+def csr_matmul_t(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for a CSR ``w`` (out x in) and a dense ``x`` (batch x in): ``(w @ x.T).T``, returned as that
+    transposed (batch x out) view of the out x batch product, so no copy back."""
+    return (w @ x.t().contiguous()).t()
 
 
-def sddmm(w: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """Values of ``dy.T @ x`` (out × in) at the non-zeros of the CSR ``w``, in ``w``'s value order.
+def sddmm(w: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Values of ``dy.T @ x`` (out x in) at the non-zeros of the CSR ``w``, in ``w``'s value order: the weight
+    gradient of ``y = x @ w.T`` restricted to the active entries, O(nnz · batch) work.
 
-    This is the weight gradient of ``y = x @ w.T`` restricted to the active entries: O(nnz · batch) work."""
-    values = torch.zeros_like(w.values())
-    dyt = dy.t()
-    for start in range(0, x.shape[0], block):
-        part = torch.sparse.sampled_addmm(w, dyt[:, start:start + block].contiguous(),
-                                          x[start:start + block].contiguous(), beta=0.0)
-        values += part.values()
-    return values
+    Only ``w``'s structure is used: its values are replaced by zeros (``sampled_addmm`` reads them even at
+    ``beta=0``, so a non-finite weight would otherwise turn its gradient into NaN)."""
+    pattern = csr_tensor(w.crow_indices(), w.col_indices(), dy.new_zeros(w.values().shape), tuple(w.shape))
+    return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()

@@ -1,0 +1,91 @@
+"""The sparse kernels and SparseLinearLayout compute the dense masked products (forward, input gradient, SDDMM)."""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch import nn
+
+from sparseopt.execution.kernels import csr_matmul_t, sddmm
+from sparseopt.execution.layout import SparseLinearLayout
+
+
+def layer(out_f, in_f, density, seed=0, dtype=torch.float64, empty_rows=(), empty_cols=()):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(out_f, in_f, generator=g) < density
+    mask[list(empty_rows)] = False
+    mask[:, list(empty_cols)] = False
+    weight = torch.randn(out_f, in_f, generator=g, dtype=dtype) * mask
+    layout = SparseLinearLayout(nn.Linear(in_f, out_f, bias=False), mask)
+    return mask, weight, layout, weight.reshape(-1)[layout.flat]
+
+
+def check_products(mask, weight, layout, values, batch, seed=1, rtol=1e-10, atol=1e-10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, layout.in_features, generator=g, dtype=weight.dtype)
+    dy = torch.randn(batch, layout.out_features, generator=g, dtype=weight.dtype)
+    want_y, want_dx = x @ weight.t(), dy @ weight
+    want_dw = (dy.t() @ x).reshape(-1)[layout.flat]
+    for y, dx, dw in [(layout.forward(values, x), layout.input_grad(values, dy), layout.weight_grad(dy, x)),
+                      (csr_matmul_t(layout.csr(values), x), csr_matmul_t(layout.csr_t(values), dy),
+                       sddmm(layout.csr(values), dy, x))]:
+        assert y.shape == (batch, layout.out_features) and dx.shape == (batch, layout.in_features)
+        assert dw.shape == (int(mask.sum()),)
+        torch.testing.assert_close(y, want_y, rtol=rtol, atol=atol)
+        torch.testing.assert_close(dx, want_dx, rtol=rtol, atol=atol)
+        torch.testing.assert_close(dw, want_dw, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (33, 97), (128, 128)])
+@pytest.mark.parametrize("density", [0.3, 0.05, 0.01])
+@pytest.mark.parametrize("batch", [1, 7, 64, 130])
+def test_products_equal_the_dense_masked_ones(shape, density, batch):
+    check_products(*layer(*shape, density), batch)
+
+
+def test_empty_rows_and_columns_of_the_mask():
+    mask, weight, layout, values = layer(40, 30, 0.3, empty_rows=range(0, 40, 3), empty_cols=range(1, 30, 4))
+    assert not mask[::3].any() and not mask[:, 1::4].any()
+    check_products(mask, weight, layout, values, batch=9)
+
+
+def test_an_all_zero_mask_gives_zero_products():
+    mask, weight, layout, values = layer(16, 24, 0.0)
+    assert layout.nnz == 0
+    check_products(mask, weight, layout, values, batch=5)
+
+
+def test_float32_within_tolerance():
+    mask, weight, layout, values = layer(256, 192, 0.05, dtype=torch.float32)
+    check_products(mask, weight, layout, values, batch=64, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_gradient_reads_only_the_structure():
+    """A non-finite weight must not leak into its own gradient (sampled_addmm reads values even at beta=0)."""
+    mask, weight, layout, values = layer(32, 32, 0.2)
+    bad = values.clone()
+    bad[::2] = float("nan")
+    x, dy = torch.randn(8, 32, dtype=torch.float64), torch.randn(8, 32, dtype=torch.float64)
+    want = (dy.t() @ x).reshape(-1)[layout.flat]
+    torch.testing.assert_close(sddmm(layout.csr(bad), dy, x), want)
+
+
+def test_rebuild_follows_a_new_mask():
+    mask, weight, layout, values = layer(48, 40, 0.1)
+    new_mask = torch.rand(48, 40, generator=torch.Generator().manual_seed(5)) < 0.25
+    new_weight = torch.randn(48, 40, dtype=torch.float64) * new_mask
+    layout.rebuild(new_mask)
+    check_products(new_mask, new_weight, layout, new_weight.reshape(-1)[layout.flat], batch=6)
+
+
+def test_flat_is_the_row_major_order_of_the_nonzeros():
+    mask, _, layout, _ = layer(20, 30, 0.2)
+    torch.testing.assert_close(layout.flat, mask.reshape(-1).nonzero().squeeze(1))
+    # W^T's CSR holds the same entries (tagged here by their flat index in W), in W^T's row-major order
+    torch.testing.assert_close(layout.csr_t(layout.flat.double()).to_dense(),
+                               (torch.arange(600).reshape(20, 30) * mask).t().double())
+
+
+@given(out_f=st.integers(1, 70), in_f=st.integers(1, 70), density=st.floats(0.0, 1.0), batch=st.integers(1, 40),
+       seed=st.integers(0, 2**16))
+def test_products_on_random_shapes(out_f, in_f, density, batch, seed):
+    check_products(*layer(out_f, in_f, density, seed=seed), batch, seed=seed + 1)
