@@ -14,17 +14,43 @@ from helpers import batch, mlp
 EVERY_LAYER = ExecutionPolicy(max_density=1.0, min_numel=0, min_batch=0)
 
 
-def twins(widths=(32, 64, 64, 10), density=0.2, topology=None, preconditioner=None, seed=0):
+def twins(widths=(32, 64, 64, 10), density=0.2, topology=None, preconditioner=None, seed=0, optimizer=None,
+          **kwargs):
     """The same model trained masked-dense and with sparse execution, from identical weights and masks."""
     runs = []
     for execution in (False, EVERY_LAYER):
         model = mlp(widths, seed=seed)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        opt = (optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4)))(
+            model.parameters())
         sparse = so.SparseTraining(model, opt, density=density, topology=copy.deepcopy(topology),
                                    preconditioner=copy.deepcopy(preconditioner), prune_first_layer=True,
-                                   sparse_execution=execution)
+                                   sparse_execution=execution, **kwargs)
         runs.append((model, opt, sparse))
     return runs
+
+
+def step(model, opt, t, n=16, clip=None):
+    x, y = batch(model, t, n=n)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), clip) if clip is not None else None
+    opt.step()
+    return norm
+
+
+def values(sparse, name):
+    return sparse.execution.values_of(name)
+
+
+def assert_same_weights(dense, fast, rel=1e-5):
+    fast_state = fast.state_dict()
+    for name, p in dense.state_dict().items():
+        if not p.is_floating_point():             # BatchNorm's batch counter
+            assert torch.equal(fast_state[name], p), name
+        elif rel == 0:
+            assert torch.equal(fast_state[name], p), name
+        else:
+            assert (fast_state[name] - p).norm() <= rel * p.norm() + 1e-7, name
 
 
 def test_forward_and_gradients_match_the_masked_dense_layer():
@@ -39,76 +65,158 @@ def test_forward_and_gradients_match_the_masked_dense_layer():
     yf.backward(g)
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
     for p in ds.params:
-        q = dict(fast.named_parameters())[p.name]
         mask = ds.masks[p.name]
-        torch.testing.assert_close(q.grad[mask], p.param.grad[mask], rtol=1e-5, atol=1e-6)
-        assert not q.grad[~mask].any()          # the SDDMM gradient lives on the active entries only
+        # the values' gradient is the masked weight gradient at the active entries, in row-major order
+        torch.testing.assert_close(values(fs, p.name).grad, p.param.grad[mask], rtol=1e-5, atol=1e-6)
+        assert dict(fast.named_parameters())[p.name].grad is None  # the dense weight does not train
 
 
-def test_leading_dimensions_and_bias():
-    torch.manual_seed(0)
-    lin = nn.Sequential(nn.Linear(16, 300), nn.Linear(300, 8))
-    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
-    so.SparseTraining(lin, opt, density=0.1, include=["0.weight"], sparse_execution=EVERY_LAYER)
-    x = torch.randn(2, 3, 16)
-    y = lin[0](x)
-    expected = x @ lin[0].weight.detach().t() + lin[0].bias
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
-    g = torch.randn_like(y)
-    (db,) = torch.autograd.grad(expected, [lin[0].bias], g)
-    (db_sparse,) = torch.autograd.grad(y, [lin[0].bias], g)
-    torch.testing.assert_close(db_sparse, db, rtol=1e-5, atol=1e-6)
+def test_the_optimizer_trains_the_active_values_only():
+    _, (model, opt, sparse) = twins()
+    step(model, opt, 0)
+    held = [p for group in opt.param_groups for p in group["params"]]
+    for p in sparse.params:
+        v = values(sparse, p.name)
+        assert any(q is v for q in held) and not any(q is p.param for q in held)
+        assert v.numel() == int(sparse.masks[p.name].sum())
+        assert opt.state[v]["momentum_buffer"].shape == v.shape       # O(nnz) optimizer state
+        torch.testing.assert_close(p.param[sparse.masks[p.name]], v.detach(), rtol=0, atol=0)  # the mirror
+        assert not p.param[~sparse.masks[p.name]].any()
+    # checkpoints keep the masked-dense format: dense-shaped state, no values in the model's state dict
+    saved = opt.state_dict()
+    built = [tuple(q.shape) for n, q in model.named_parameters() if not n.endswith("weight_values")]
+    assert [tuple(saved["state"][i]["momentum_buffer"].shape) for i in sorted(saved["state"])] == built
+    assert not any(k.endswith("weight_values") for k in model.state_dict())
 
 
 def test_dense_gradient_only_on_rigl_update_steps():
     _, (model, opt, sparse) = twins(topology=so.RigL(update_every=3, end_step=100))
-    weight = sparse.params[0].param
-    for step in range(4):
-        x, y = batch(model, step)
+    name = sparse.params[0].name
+    for t in range(4):
+        x, y = batch(model, t)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        inactive = ~sparse.masks[sparse.params[0].name]
-        assert not weight.grad[inactive].any()  # .grad is masked as backward accumulates it
-        dense = sparse._gradients.dense.get(sparse.params[0].name)  # the copy RigL grows from
-        assert (dense is not None and bool(dense[inactive].any())) == (step % 3 == 0), step
+        assert values(sparse, name).grad is not None
+        dense = sparse._gradients.dense.get(name)  # the copy RigL grows from
+        inactive = ~sparse.masks[name]
+        assert (dense is not None and bool(dense[inactive].any())) == (t % 3 == 0), t
         opt.step()
 
 
-def test_rigl_sparseopt_trajectory_equals_the_masked_dense_one():
+@pytest.mark.parametrize("optimizer, extra", [
+    (None, {}),
+    (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2), {}),
+    (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4),
+     {"renormalize": "exact"}),
+])
+def test_rigl_sparseopt_trajectory_equals_the_masked_dense_one(optimizer, extra):
     topology = so.RigL(update_every=20, drop_fraction=0.3, end_step=150)
-    (dense, dopt, ds), (fast, fopt, fs) = twins(topology=topology, preconditioner=so.SparseOpt())
+    (dense, dopt, ds), (fast, fopt, fs) = twins(topology=topology, preconditioner=so.SparseOpt(),
+                                                optimizer=optimizer, **extra)
     assert [r.execution for r in fs.report().layers] == ["sparse"] * 3
-    for step in range(200):
+    for t in range(200):
         for model, opt in ((dense, dopt), (fast, fopt)):
-            x, y = batch(model, step, n=32)
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+            step(model, opt, t, n=32)
     assert fs.changed == ds.changed and any(ds.changed.values())
     for name in ds.masks:
         assert torch.equal(fs.masks[name], ds.masks[name]), name
-    for (name, p), q in zip(dense.named_parameters(), fast.parameters()):
-        assert (q - p).norm() <= 1e-5 * p.norm(), name
+    assert_same_weights(dense, fast)
 
 
-def test_resume_rebuilds_the_sparse_structure():
-    topology = so.RigL(update_every=2, end_step=100)
-    (dense, dopt, ds), (fast, fopt, fs) = twins(topology=topology)
-    for step in range(3):
+def test_mask_updates_that_do_not_skip_the_step_and_decay_folding_follow_the_masked_dense_path():
+    topology = so.RigL(update_every=5, drop_fraction=0.3, end_step=60, skip_step_on_update=False)
+    (dense, dopt, ds), (fast, fopt, fs) = twins(topology=topology,
+                                                preconditioner=so.SparseOpt(precondition_weight_decay=True))
+    for t in range(40):
         for model, opt in ((dense, dopt), (fast, fopt)):
-            x, y = batch(model, step)
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    fresh = mlp((32, 64, 64, 10), seed=5)
-    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    resumed = so.SparseTraining(fresh, fresh_opt, density=0.2, topology=topology, prune_first_layer=True,
-                                sparse_execution=EVERY_LAYER)
-    fresh.load_state_dict(dense.state_dict())
-    resumed.load_state_dict(ds.state_dict())
-    x = torch.randn(4, 32)
-    dense.eval(), fresh.eval()
-    torch.testing.assert_close(fresh(x), dense(x), rtol=1e-5, atol=1e-6)
+            step(model, opt, t, n=32)
+    for name in ds.masks:
+        assert torch.equal(fs.masks[name], ds.masks[name]), name
+    assert_same_weights(dense, fast)
+    assert fs.correction_ratio() == pytest.approx(ds.correction_ratio(), rel=1e-5)
+
+
+def test_clipping_over_model_parameters_sees_the_values_gradients():
+    (dense, dopt, _), (fast, fopt, _) = twins(preconditioner=so.SparseOpt())
+    for t in range(5):
+        nd, nf = step(dense, dopt, t, clip=0.5), step(fast, fopt, t, clip=0.5)
+        assert float(nf) == pytest.approx(float(nd), rel=1e-5)
+    assert_same_weights(dense, fast)
+
+
+@pytest.mark.parametrize("source, target", [(EVERY_LAYER, EVERY_LAYER), (False, EVERY_LAYER),
+                                            (EVERY_LAYER, False)])
+def test_checkpoints_resume_across_execution_modes(source, target):
+    """A run saved at step 7 (between RigL updates) and resumed continues as the uninterrupted one."""
+    topology = so.RigL(update_every=5, drop_fraction=0.3, end_step=100)
+
+    def build(execution, seed=0):
+        model = mlp((32, 64, 64, 10), seed=seed)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sparse = so.SparseTraining(model, opt, density=0.2, topology=copy.deepcopy(topology),
+                                   preconditioner=so.SparseOpt(), prune_first_layer=True,
+                                   sparse_execution=execution, seed=seed)
+        return model, opt, sparse
+
+    model, opt, sparse = build(source)
+    for t in range(7):
+        step(model, opt, t)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sparse.state_dict()))
+    for t in range(7, 14):
+        step(model, opt, t)
+    resumed_model, resumed_opt, resumed_sparse = build(target, seed=3)
+    resumed_sparse.load_state_dict(saved[2])     # any order: sparse state first, then optimizer, then model
+    resumed_opt.load_state_dict(saved[1])
+    resumed_model.load_state_dict(saved[0])
+    for t in range(7, 14):
+        step(resumed_model, resumed_opt, t)
+    for name in sparse.masks:
+        assert torch.equal(resumed_sparse.masks[name], sparse.masks[name]), name
+    assert_same_weights(model, resumed_model, rel=1e-5 if source != target else 0.0)
+
+
+def test_a_weight_written_between_steps_is_what_trains_next():
+    _, (model, opt, sparse) = twins()
+    step(model, opt, 0)
+    name = sparse.params[0].name
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)                    # e.g. a user's rescaling, or load_state_dict
+    x = torch.randn(40, 32)
+    torch.testing.assert_close(model[0](x), x @ model[0].weight.detach().t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values(sparse, name).detach(), model[0].weight.detach()[sparse.masks[name]])
+    with torch.no_grad():
+        values(sparse, name).mul_(0.5)               # the values are a parameter too: writing them works
+    model(x)
+    torch.testing.assert_close(model[0].weight.detach()[sparse.masks[name]], values(sparse, name).detach())
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        values(sparse, name).add_(1.0)
+    with pytest.raises(RuntimeError, match="write one of them only"):
+        model(x)
+
+
+def test_remove_gives_the_optimizer_its_dense_weights_back():
+    _, (model, opt, sparse) = twins()
+    for t in range(3):
+        step(model, opt, t)
+    momentum = {p.name: opt.state[values(sparse, p.name)]["momentum_buffer"].clone() for p in sparse.params}
+    masks = {n: m.clone() for n, m in sparse.masks.items()}
+    sparse.remove()
+    held = [p for group in opt.param_groups for p in group["params"]]
+    for p in sparse.params:
+        assert any(q is p.param for q in held) and p.param.requires_grad
+        dense = opt.state[p.param]["momentum_buffer"]
+        assert dense.shape == p.param.shape and torch.equal(dense[masks[p.name]], momentum[p.name])
+    assert not any(n.endswith("weight_values") for n, _ in model.named_parameters())
+    step(model, opt, 3)                               # a plain dense step now
+    assert all(p.param.grad is not None for p in sparse.params)
+
+
+def test_distributed_wrappers_are_refused():
+    model = nn.DataParallel(mlp((32, 64, 10)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="DistributedDataParallel/DataParallel would not synchronise"):
+        so.SparseTraining(model, opt, density=0.2, prune_first_layer=True, sparse_execution=EVERY_LAYER)
 
 
 def test_layers_below_break_even_stay_dense_with_a_warning_and_remove_restores_forward():
@@ -135,11 +243,14 @@ def test_small_batches_run_the_masked_dense_product():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     so.SparseTraining(model, opt, density=0.1, include=["*"],
                       sparse_execution=ExecutionPolicy(max_density=1.0, min_numel=0, min_batch=8))
-    for rows, sparse in ((7, False), (8, True)):
+    for rows in (7, 8):   # below min_batch the dense product, on the active values too
         x = torch.randn(rows, 64)
         y = model(x)
-        assert ("SparseLinear" in type(y.grad_fn).__name__) == sparse, rows
         torch.testing.assert_close(y, x @ model[0].weight.detach().t(), rtol=1e-5, atol=1e-6)
+        y.sum().backward()
+        values = model[0].weight_values
+        torch.testing.assert_close(values.grad, (torch.ones(rows, 64).t() @ x)[model[0].weight != 0])
+        values.grad = None
 
 
 def test_bad_policy_is_refused():

@@ -189,8 +189,10 @@ class SparseTraining:
         self._gradients.collect_dense = self._dense_grad_needed()
         self.execution = None
         if sparse_execution:
+            self._check_execution_is_local(model)
             policy = sparse_execution if isinstance(sparse_execution, ExecutionPolicy) else ExecutionPolicy()
-            self.execution = SparseExecution(self.params, self.masks, policy, self._dense_grad_needed)
+            self.execution = SparseExecution(self.params, self.masks, policy, optimizer, self._dense_grad_needed,
+                                             self._row_scale, self._collect_dense)
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
 
@@ -236,6 +238,18 @@ class SparseTraining:
                                                                                    for q in other.params):
                 taken.append(p.name)
         return taken
+
+    def _check_execution_is_local(self, model: nn.Module) -> None:
+        """Sparse-run layers train (nnz,) values that DDP does not know: refuse rather than train unsynchronised."""
+        if self._distributed() or isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise ValueError("sparse_execution=True trains each sparse Linear's active values as a separate "
+                             "parameter, which DistributedDataParallel/DataParallel would not synchronise; use "
+                             "sparse_execution=False (masked-dense) for multi-process training")
+
+    def _collect_dense(self, name: str, values: torch.Tensor, grad: torch.Tensor) -> None:
+        """A sparse-run layer's dense weight gradient on a mask-update step, summed as the gradient hooks do."""
+        self._gradients._add_dense(name, values, grad)
+        self._gradients.arrived.add(name)
 
     def _check_optimizer_holds_params(self) -> None:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
@@ -353,6 +367,9 @@ class SparseTraining:
         self._folded_decay = []
         self._check_loaded_weights()
         self._backup = None  # training starts: from now on construction's changes are final
+        if self.execution is not None:
+            self.execution.engage()
+            self.execution.before_step()
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer itself
         if closure is None:
             self._prepare_gradients(optimizer, first=True)
@@ -402,7 +419,9 @@ class SparseTraining:
         if self._fold_decay:
             restore_weight_decay(self._folded_decay)  # a closure evaluated again: fold its gradient's decay too
             self._folded_decay = fold_coupled_weight_decay_(optimizer, scales={
-                id(p.param): (self.masks[p.name], self._row_scale.get(p.name)) for p in self.params})
+                id(self._trained(p)): (None if self._trained(p) is not p.param else self.masks[p.name],
+                                       None if (row := self._row_scale.get(p.name)) is None
+                                       else self._per_entry(p, row)) for p in self.params})
         if self.renormalize is not None:
             reference = self._masked_grad_norm(optimizer)
             renormalize_([p.grad for p in self._with_grad(optimizer)], reference, self.renormalize)
@@ -413,14 +432,26 @@ class SparseTraining:
         maybe) restricted to the new masks and rescaled row by row to the new factors. Newly grown weights get
         their first gradient at the next step."""
         for p in self.params:
-            g = p.param.grad
+            values = self.execution.values_of(p.name) if self.execution is not None else None
+            g = p.param.grad if values is None else values.grad  # a sparse-run layer's follows its mask already
             if g is None:
                 continue
-            if masks_changed:
+            if masks_changed and values is None:
                 g.mul_(self.masks[p.name])
             old, new = old_factors.get(p.name), self._row_factors.get(p.name)
             if old is not None and new is not None and new is not old:
-                g.mul_(torch.where(old > 0, new / old, torch.zeros_like(new)).to(g.dtype))
+                ratio = torch.where(old > 0, new / old, torch.zeros_like(new)).to(g.dtype)
+                g.mul_(ratio if values is None else self.execution.per_value(p.name, ratio))
+
+    def _trained(self, p: SparseParam) -> torch.Tensor:
+        """What the optimizer trains for ``p``: the weight, or a sparse-run layer's active values."""
+        values = self.execution.values_of(p.name) if self.execution is not None else None
+        return p.param if values is None else values
+
+    def _per_entry(self, p: SparseParam, row: torch.Tensor) -> torch.Tensor:
+        """A per-neuron vector as it broadcasts over what the optimizer trains for ``p``."""
+        values = self.execution.values_of(p.name) if self.execution is not None else None
+        return row if values is None else self.execution.per_value(p.name, row)
 
     @staticmethod
     def _with_grad(optimizer) -> list[nn.Parameter]:
@@ -429,8 +460,9 @@ class SparseTraining:
     def _masked_grad_norm(self, optimizer) -> torch.Tensor:
         """τ: global norm over all the optimizer's gradients, sparse ones masked, before SparseOpt scaling (the
         gradients hold where(mask, g, 0) * c by now: divide the factor out again)."""
-        inverse = {id(p.param): torch.where(c > 0, 1 / c, torch.zeros_like(c)).to(p.param.dtype)
-                   for p in self.params if (c := self._row_factors.get(p.name)) is not None}
+        inverse = {id(t): self._per_entry(p, torch.where(c > 0, 1 / c, torch.zeros_like(c)).to(p.param.dtype))
+                   for p in self.params if (c := self._row_factors.get(p.name)) is not None
+                   for t in [self._trained(p)]}
         return global_grad_norm([p.grad * inverse[id(p)] if id(p) in inverse else p.grad
                                  for p in self._with_grad(optimizer)])
 
@@ -443,6 +475,8 @@ class SparseTraining:
         self._closure_calls = None
         restore_weight_decay(self._folded_decay)
         self._folded_decay = []
+        if self.execution is not None:
+            self.execution.after_step()
         self._remask_weights()
         self.step_count += 1
         self._own_versions = self._weight_versions()
@@ -452,7 +486,8 @@ class SparseTraining:
     def _remask_weights(self) -> None:
         """Zero the inactive weights again after the optimizer step (an optimizer may move them: decay, noise)."""
         for p in self.params:
-            scale_grad_(p.param, self.masks[p.name])  # a bool where(), not a bool->float copy and multiply
+            if self.execution is None or not self.execution.runs_sparse(p.name):  # sparse-run: zero by construction
+                scale_grad_(p.param, self.masks[p.name])  # a bool where(), not a bool->float copy and multiply
 
     def _grow_gradients(self, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The original dense gradients (averaged over ranks), or the SparseOpt-corrected ones if configured."""
@@ -591,7 +626,9 @@ class SparseTraining:
         them); None without a preconditioner or gradients."""
         if self.preconditioner is None:
             return None
-        factors = {id(self._param_of[n]): c for n, c in self.factors().items()}
+        by_name = self.factors()
+        factors = {id(self._trained(p)): self._per_entry(p, by_name[p.name]) for p in self.params
+                   if p.name in by_name}
         return correction_ratio((p.grad, factors.get(id(p))) for p in self._with_grad(self.optimizer))
 
     def report(self) -> SparsityReport:
@@ -647,6 +684,8 @@ class SparseTraining:
                                  f"{tuple(p.shape)}")
         with torch.no_grad():
             if self._backup is not None:
+                if self.execution is not None:  # give the optimizer its weights back, as construction left it
+                    self.execution.disengage()
                 self._backup.restore(self.params, self.optimizer)
                 self._backup = None
             else:

@@ -1,16 +1,17 @@
 """Sparse execution of masked ``nn.Linear`` layers during training: CSR forward, CSR input gradient, SDDMM weight
 gradient on the active entries only, and the dense weight gradient only on the steps where a topology needs it.
 
-The weight stays a dense ``nn.Parameter`` held by the user's optimizer (zero at inactive entries, as on the
-masked-dense path), so every optimizer, the pipeline's masking and SparseOpt scaling, checkpoints and resume work
-unchanged; only the three products change, and the trajectory equals the masked-dense one up to float rounding.
+Each sparse-run layer trains its active values only (:mod:`sparseopt.execution.compact`): the optimizer holds an
+(nnz,) parameter in place of the dense weight, so its step, the gradient and the re-masking cost O(nnz). The
+trajectory equals the masked-dense one up to float rounding for element-wise optimizers (SGD, Adam, AdamW, ...),
+whose update of an entry reads only that entry; checkpoints keep the dense format of the masked-dense path.
 """
 
 from __future__ import annotations
 
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparseopt.execution.kernels import csr_matmul_t, sddmm
-from sparseopt.execution.layout import SparseLinearLayout
+from sparseopt.execution.compact import CompactLinear
 
 # Break-even measured with benchmarks/bench_sparse_linear.py (benchmarks/README): forward + backward of one layer,
 # 1 thread. Sparse won at density 0.05 and 0.02 from batch 64 on, lost at density 0.1 and above, and lost at batch 1.
@@ -49,59 +50,79 @@ class ExecutionPolicy:
 
 
 class _SparseLinearFunction(torch.autograd.Function):
+    """``y = x @ W.T + b`` with ``W`` given by its active values: sparse kernels, or (``sparse=False``, for small
+    batches) the dense product on the in-step dense weight; the gradient of the values is the weight gradient at the
+    active entries times SparseOpt's factors, and on mask-update steps the dense weight gradient is handed over."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, layout: SparseLinearLayout, dense_grad: bool):
+    def forward(ctx, x, values, bias, layer: CompactLinear, dense_grad: bool, sparse: bool):
+        layout = layer.layout
         x2 = x.reshape(-1, layout.in_features)
-        values = weight.detach().reshape(-1).index_select(0, layout.flat)
-        y = csr_matmul_t(layout.csr(values), x2)
+        y = csr_matmul_t(layout.csr(values), x2) if sparse else x2 @ layer.weight.t()
         if bias is not None:
             y += bias
         ctx.save_for_backward(x2, values)
-        ctx.layout, ctx.dense_grad, ctx.x_shape = layout, dense_grad, x.shape
+        ctx.layer, ctx.dense_grad, ctx.sparse, ctx.x_shape = layer, dense_grad, sparse, x.shape
         return y.view(*x.shape[:-1], layout.out_features)
 
     @staticmethod
     def backward(ctx, dy):
         x2, values = ctx.saved_tensors
-        layout = ctx.layout
+        layer = ctx.layer
+        layout = layer.layout
         dy2 = dy.reshape(-1, layout.out_features)
-        dx = dw = db = None
+        dx = dv = db = None
         if ctx.needs_input_grad[0]:
-            dx = csr_matmul_t(layout.csr_t(values), dy2).view(ctx.x_shape)
+            dx = (csr_matmul_t(layout.csr_t(values), dy2) if ctx.sparse else dy2 @ layer.weight).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            if ctx.dense_grad:
-                dw = dy2.t() @ x2
+            if ctx.dense_grad or not ctx.sparse:
+                dense = dy2.t() @ x2
+                if ctx.dense_grad:
+                    layer.hand_over_dense(dense)
+                dv = dense.view(-1).index_select(0, layout.flat)
             else:
-                dw = x2.new_zeros(layout.out_features * layout.in_features)
-                dw.index_copy_(0, layout.flat, sddmm(layout.csr(values), dy2, x2))
-                dw = dw.view(layout.out_features, layout.in_features)
+                dv = sddmm(layout.csr(values), dy2, x2)
+            scale = layer.value_scale()
+            if scale is not None:
+                dv.mul_(scale)
         if ctx.needs_input_grad[2]:
             db = dy2.sum(0)
-        return dx, dw, db, None, None
+        return dx, dv, db, None, None, None
 
 
 class SparseExecution:
     """Runs the chosen layers of a :class:`~sparseopt.SparseTraining` with sparse kernels (``sparse_execution=``).
 
     ``dense_grad_needed()`` is asked at every forward: True on the steps where the topology reads the dense
-    gradient (RigL's mask updates), when the layer computes the full ``dy.T @ x`` instead of the SDDMM."""
+    gradient (RigL's mask updates), when the layer computes the full ``dy.T @ x`` and hands it to
+    ``collect_dense(name, values, grad)``, as the gradient hooks do on the masked-dense path."""
 
     def __init__(self, params, masks: dict[str, torch.Tensor], policy: ExecutionPolicy,
-                 dense_grad_needed: Callable[[], bool]) -> None:
+                 optimizer: torch.optim.Optimizer, dense_grad_needed: Callable[[], bool],
+                 row_scales: Mapping[str, torch.Tensor],
+                 collect_dense: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
         self.policy = policy
+        self._optimizer = optimizer
         self.dense_grad_needed = dense_grad_needed
-        self.layouts: dict[str, SparseLinearLayout] = {}
+        self.layers: dict[str, CompactLinear] = {}
         self.fallback: dict[str, str] = {}
         for p in params:
             reason = self._ineligible(p, masks[p.name])
             if reason:
                 self.fallback[p.name] = reason
                 continue
-            self.layouts[p.name] = SparseLinearLayout(p.module, masks[p.name])
-            p.module.forward = types.MethodType(_sparse_forward(self, self.layouts[p.name]), p.module)
+            layer = self.layers[p.name] = CompactLinear(p.name, p.module, masks[p.name], row_scales)
+            layer.hand_over_dense = (lambda grad, name=p.name, values=layer.values:
+                                     collect_dense(name, values, grad))
+            p.module.forward = types.MethodType(_sparse_forward(self, layer), p.module)
         if self.fallback:
             warnings.warn("sparse_execution: these sparse layers stay on the masked-dense path: "
                           + "; ".join(f"{n} ({why})" for n, why in self.fallback.items()), stacklevel=3)
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def layouts(self):
+        return {name: layer.layout for name, layer in self.layers.items()}
 
     def _ineligible(self, p, mask: torch.Tensor) -> str:
         if type(p.module) is not nn.Linear or p.param is not p.module.weight:
@@ -115,26 +136,80 @@ class SparseExecution:
             return f"{mask.numel()} weights < {self.policy.min_numel}, too small to gain"
         return ""
 
+    def engage(self) -> None:
+        """The optimizer trains the values of the sparse-run layers from here on. Called by the first forward
+        with gradients (so clipping the optimizer's parameters sees them from the first step) and before every
+        step; until then the optimizer holds the dense weights as built, which resume-before-construction needs."""
+        if self.optimizer is None:
+            self.optimizer = self._optimizer
+            self._state_hook = self.optimizer.register_state_dict_post_hook(self._dense_state)
+        for layer in self.layers.values():
+            layer.engage(self.optimizer)
+
+    def before_step(self) -> None:
+        """State loaded or handed over in the dense shape becomes values-shaped; weights written since are read."""
+        for layer in self.layers.values():
+            layer.sync()
+            layer.compact_state()
+
+    def after_step(self) -> None:
+        """The optimizer wrote the values: mirror them into the dense weights (O(nnz))."""
+        for layer in self.layers.values():
+            layer.sync()
+
+    def disengage(self) -> None:
+        for layer in self.layers.values():
+            layer.disengage()
+        if self.optimizer is not None:
+            self._state_hook.remove()
+            self.optimizer = None
+
+    def _dense_state(self, optimizer, state_dict: dict) -> dict:
+        """Checkpoints keep the masked-dense format: each values-shaped state tensor saved at the weight's shape."""
+        layer_of = {id(layer.values): layer for layer in self.layers.values()}
+        index = 0
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                layer = layer_of.get(id(p))
+                if layer is not None and index in state_dict["state"]:
+                    state_dict["state"][index] = {k: layer.densify(v) for k, v in state_dict["state"][index].items()}
+                index += 1
+        return state_dict
+
+    def per_value(self, name: str, row: torch.Tensor) -> torch.Tensor:
+        return self.layers[name].per_value(row)
+
+    def values_of(self, name: str) -> nn.Parameter | None:
+        layer = self.layers.get(name)
+        return layer.values if layer is not None else None
+
     def rebuild(self, masks: dict[str, torch.Tensor], names=None) -> None:
         """Re-derive the CSR structure of the layers whose masks changed (``names``; all when None)."""
-        for name, layout in self.layouts.items():
+        for name, layer in self.layers.items():
             if names is None or name in names:
-                layout.rebuild(masks[name])
+                layer.rebuild(masks[name])
 
     def runs_sparse(self, name: str) -> bool:
-        return name in self.layouts
+        return name in self.layers
 
     def remove(self) -> None:
-        for layout in self.layouts.values():
-            if "forward" in vars(layout.module):
-                del layout.module.forward
-        self.layouts = {}
+        self.disengage()
+        for layer in self.layers.values():
+            layer.remove()
+            if "forward" in vars(layer.module):
+                del layer.module.forward
+        self.layers = {}
 
 
-def _sparse_forward(execution: SparseExecution, layout: SparseLinearLayout):
+def _sparse_forward(execution: SparseExecution, layer: CompactLinear):
     def forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < execution.policy.min_batch * layout.in_features:
-            return F.linear(x, module.weight, module.bias)   # weights are zero off the mask: the same product
-        return _SparseLinearFunction.apply(x, module.weight, module.bias, layout,
-                                           torch.is_grad_enabled() and execution.dense_grad_needed())
+        layer.sync()
+        if not torch.is_grad_enabled():
+            if x.numel() < execution.policy.min_batch * module.in_features:
+                return F.linear(x, module.weight, module.bias)
+        else:
+            execution.engage()
+        sparse = x.numel() >= execution.policy.min_batch * module.in_features
+        return _SparseLinearFunction.apply(x, layer.values, module.bias, layer,
+                                           torch.is_grad_enabled() and execution.dense_grad_needed(), sparse)
     return forward

@@ -51,10 +51,20 @@ def fold_coupled_weight_decay_(optimizer: torch.optim.Optimizer,
         for p in group["params"]:
             if p.grad is not None:
                 scale = scales.get(id(p))
-                p.grad.add_(p if scale is None else scaled_grad(p, *scale), alpha=alpha)
+                p.grad.add_(_scaled(p, scale), alpha=alpha)
         saved.append((group, decay))
         group["weight_decay"] = 0.0
     return saved
+
+
+def _scaled(p: torch.Tensor, scale: tuple[torch.Tensor | None, torch.Tensor | None] | None) -> torch.Tensor:
+    """``s ⊙ W``; a mask of None is all-active (the active values of a sparse-run layer)."""
+    if scale is None:
+        return p
+    mask, row = scale
+    if mask is not None:
+        return scaled_grad(p, mask, row)
+    return p if row is None else p * row
 
 
 def restore_weight_decay(saved: list[tuple[dict, float]]) -> None:
