@@ -34,6 +34,7 @@ from common import (Contender, TimedStep, format_table, setup_torch, summarize, 
                     time_interleaved, write_json)
 
 import sparseopt as so  # noqa: E402
+from sparseopt.execution.kernels import feature_major  # noqa: E402
 from sparseopt.execution.layout import SparseLinearLayout  # noqa: E402
 
 SHAPES = [(1024, 1024), (4096, 4096), (16384, 4096)]
@@ -44,7 +45,8 @@ BATCHES = [1, 64, 256]
 def layer_rows(reps: int, shapes=SHAPES, densities=DENSITIES, batches=BATCHES) -> list[dict]:
     """One timed call = forward, input gradient and weight gradient of one layer: the three dense products on the
     masked dense weight vs SparseLinearLayout's three on the compact (nnz,) values (the weight gradient as values
-    at the active entries only, what the sparse path's optimizer holds)."""
+    at the active entries only, what the sparse path's optimizer holds). ``x`` and ``gy`` come batch-major, so the
+    sparse call pays both transposing copies (``feature_major``) that a chain of sparse layers avoids."""
     out = []
     g = torch.Generator().manual_seed(0)
     for (o, i) in shapes:
@@ -61,7 +63,8 @@ def layer_rows(reps: int, shapes=SHAPES, densities=DENSITIES, batches=BATCHES) -
                     return x @ w.t(), gy @ w, gy.t() @ x
 
                 def sparse(x=x, gy=gy, layout=layout, values=values):
-                    return layout.forward(values, x), layout.input_grad(values, gy), layout.weight_grad(gy, x)
+                    xf, gyf = feature_major(x), feature_major(gy)   # both copies paid, as for batch-major inputs
+                    return layout.forward(values, xf), layout.input_grad(values, gyf), layout.weight_grad(gyf, xf)
                 r = reps * (4 if b == 1 else 1)
                 times = time_interleaved([Contender("dense", dense), Contender("sparse", sparse)], reps=r,
                                          warmup=1, progress=False)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 from torch import nn
 
-from sparseopt.execution.kernels import csr_matmul_t, sddmm
+from sparseopt.execution.kernels import csr_matmul_t, feature_major, sddmm
 from sparseopt.execution.layout import SparseLinearLayout
 
 
@@ -25,7 +25,9 @@ def check_products(mask, weight, layout, values, batch, seed=1, rtol=1e-10, atol
     dy = torch.randn(batch, layout.out_features, generator=g, dtype=weight.dtype)
     want_y, want_dx = x @ weight.t(), dy @ weight
     want_dw = (dy.t() @ x).reshape(-1)[layout.flat]
+    xf, dyf = feature_major(x), feature_major(dy)
     for y, dx, dw in [(layout.forward(values, x), layout.input_grad(values, dy), layout.weight_grad(dy, x)),
+                      (layout.forward(values, xf), layout.input_grad(values, dyf), layout.weight_grad(dyf, xf)),
                       (csr_matmul_t(layout.csr(values), x), csr_matmul_t(layout.csr_t(values), dy),
                        sddmm(layout.csr(values), dy, x))]:
         assert y.shape == (batch, layout.out_features) and dx.shape == (batch, layout.in_features)
@@ -67,6 +69,32 @@ def test_weight_gradient_reads_only_the_structure():
     x, dy = torch.randn(8, 32, dtype=torch.float64), torch.randn(8, 32, dtype=torch.float64)
     want = (dy.t() @ x).reshape(-1)[layout.flat]
     torch.testing.assert_close(sddmm(layout.csr(bad), dy, x), want)
+
+
+def test_feature_major_copies_only_when_needed():
+    x = torch.randn(6, 5)
+    xf = feature_major(x)
+    assert xf.t().is_contiguous() and torch.equal(xf, x) and xf.data_ptr() != x.data_ptr()
+    assert feature_major(xf) is xf
+    row = torch.randn(1, 5)
+    assert feature_major(row) is row
+    _, _, layout, values = layer(7, 5, 0.5, dtype=torch.float32)
+    y = layout.forward(values, xf)
+    assert feature_major(y) is y
+
+
+def test_mkl_addmm_at_beta_zero_overwrites_its_output():
+    """csr_matmul_t relies on it: it hands MKL an uninitialised result."""
+    _, weight, layout, values = layer(30, 20, 0.3, dtype=torch.float32)
+    xt = torch.randn(20, 4)
+    out = torch.full((30, 4), float("nan"))
+    torch.addmm(out, layout.csr(values), xt, beta=0.0, out=out)
+    torch.testing.assert_close(out, weight @ xt)
+
+
+def test_indices_are_mkl_int32():
+    _, _, layout, _ = layer(20, 30, 0.2)
+    assert {t.dtype for t in (layout.crow, layout.col, layout.t_crow, layout.t_col)} == {torch.int32}
 
 
 def test_rebuild_follows_a_new_mask():

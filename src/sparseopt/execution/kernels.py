@@ -1,10 +1,16 @@
 """The three products of a sparse Linear layer on ``torch.sparse_csr`` tensors (MKL's CSR x dense product and
 torch's SDDMM), each one call over the whole batch.
 
+Both torch kernels read the dense operand *feature-major*: MKL's product wants ``x.T`` (in x batch) contiguous
+(a column-major operand measured 5x slower), and ``sampled_addmm`` copies its operands into ``dy.T`` (out x batch)
+and ``x.T`` (in x batch) unless they already are so. :func:`feature_major` makes that copy once, and the products
+return their results in that layout, so a chain of sparse layers (and elementwise ops between them, which keep
+strides) passes activations and gradients on without any transposing copy.
+
 No batch blocking: on the AMD EPYC Zen4 development machine (2 MiB L2 per core) one whole-batch CSR product beat
 64- and 128-column blocks at 4096², density 0.05, batch 256 (1 thread, benchmarks/README), so the blocks that paid
-on the former Intel machine are gone. The dense operand is made contiguous in the transposed (in x batch) layout
-first: MKL on a column-major operand (``x.t()`` as a view, or a column-major ``out=``) measured 5x slower.
+on the former Intel machine are gone. The CSR indices should be int32 (``SparseLinearLayout`` makes them so):
+torch converts int64 ones to MKL's int32 on every call.
 """
 
 from __future__ import annotations
@@ -28,10 +34,22 @@ def to_csr(dense: torch.Tensor) -> torch.Tensor:
         return dense.to_sparse_csr()
 
 
+def feature_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (rows x features) as a same-shaped view of a contiguous (features x rows) tensor, the layout the
+    kernels read without copying; ``x`` itself when it already is (e.g. the output of :func:`csr_matmul_t`)."""
+    return x if x.t().is_contiguous() else x.t().contiguous().t()
+
+
 def csr_matmul_t(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` for a CSR ``w`` (out x in) and a dense ``x`` (batch x in): ``(w @ x.T).T``, returned as that
-    transposed (batch x out) view of the out x batch product, so no copy back."""
-    return (w @ x.t().contiguous()).t()
+    """``x @ w.T`` (batch x out) for a CSR ``w`` (out x in) and a dense ``x`` (batch x in), computed as
+    ``w @ x.T`` and returned as its transposed view (feature-major, see :func:`feature_major`).
+
+    ``addmm`` into an uninitialised result at ``beta=0`` (MKL overwrites it) instead of ``w @ x.T``, which zero
+    fills a result and then copies that zero into a second one."""
+    xt = feature_major(x).t()
+    out = xt.new_empty(w.shape[0], xt.shape[1])
+    torch.addmm(out, w, xt, beta=0.0, out=out)
+    return out.t()
 
 
 def sddmm(w: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -41,4 +59,4 @@ def sddmm(w: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     Only ``w``'s structure is used: its values are replaced by zeros (``sampled_addmm`` reads them even at
     ``beta=0``, so a non-finite weight would otherwise turn its gradient into NaN)."""
     pattern = csr_tensor(w.crow_indices(), w.col_indices(), dy.new_zeros(w.values().shape), tuple(w.shape))
-    return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
+    return torch.sparse.sampled_addmm(pattern, feature_major(dy).t(), feature_major(x), beta=0.0).values()

@@ -4,7 +4,9 @@ The layer's active values are one (nnz,) vector in the mask's row-major order (:
 The three products of a training step are :meth:`~SparseLinearLayout.forward`,
 :meth:`~SparseLinearLayout.input_grad` and :meth:`~SparseLinearLayout.weight_grad`; the input gradient needs the
 values in W^T's row-major order, one O(nnz) gather per call (MKL's own transposed product is not reachable from
-torch without a CSR->CSC conversion, which measured slower than the gather).
+torch without a CSR->CSC conversion, which measured slower than the gather). Give them ``x`` and ``dy`` through
+:func:`~sparseopt.execution.kernels.feature_major` once (save that ``x`` for the backward): then no product copies.
+The indices are int32 (MKL's), int64 only for a layer too large for them.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ class SparseLinearLayout:
         """Recompute both CSR structures from ``mask`` (out x in, bool or 0/1)."""
         flat = mask.reshape(-1).nonzero().squeeze(1)           # row-major: the CSR value order
         rows, cols = flat // self.in_features, flat % self.in_features
+        index = torch.int32 if max(flat.numel(), self.out_features, self.in_features) < 2**31 else torch.int64
         self.flat = flat
-        self.crow = _crow(rows, self.out_features)
-        self.col = cols
+        self.crow = _crow(rows, self.out_features).to(index)
+        self.col = cols.to(index)
         order = torch.sort(cols * self.out_features + rows).indices   # the same entries in W^T's row-major order
-        self.t_order = order
-        self.t_crow = _crow(cols[order], self.in_features)
-        self.t_col = rows[order]
+        self.t_order = order.to(index)
+        self.t_crow = _crow(cols[order], self.in_features).to(index)
+        self.t_col = rows[order].to(index)
 
     @property
     def nnz(self) -> int:
@@ -49,11 +52,12 @@ class SparseLinearLayout:
                           (self.in_features, self.out_features))
 
     def forward(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` (batch x out) for ``x`` (batch x in)."""
+        """``x @ W.T`` (batch x out, feature-major) for ``x`` (batch x in)."""
         return csr_matmul_t(self.csr(values), x)
 
     def input_grad(self, values: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-        """``dy @ W`` (batch x in) for ``dy`` (batch x out): the gradient of :meth:`forward` w.r.t. ``x``."""
+        """``dy @ W`` (batch x in, feature-major) for ``dy`` (batch x out): the gradient of :meth:`forward` w.r.t.
+        ``x``."""
         return csr_matmul_t(self.csr_t(values), dy)
 
     def weight_grad(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
