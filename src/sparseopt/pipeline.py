@@ -487,7 +487,7 @@ class SparseTraining:
         """Zero the inactive weights again after the optimizer step (an optimizer may move them: decay, noise)."""
         for p in self.params:
             if self.execution is None or not self.execution.runs_sparse(p.name):  # sparse-run: zero by construction
-                scale_grad_(p.param, self.masks[p.name])  # a bool where(), not a bool->float copy and multiply
+                scale_grad_(p.param, self.masks[p.name])  # where(), computed on the bits: no float copy of the mask
 
     def _grow_gradients(self, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The original dense gradients (averaged over ranks), or the SparseOpt-corrected ones if configured."""
