@@ -212,6 +212,23 @@ def test_remove_gives_the_optimizer_its_dense_weights_back():
     assert all(p.param.grad is not None for p in sparse.params)
 
 
+def test_a_tied_weight_stays_on_the_masked_dense_path():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(40, 32), nn.Linear(32, 40, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.head(self.embed(tokens))
+
+    model = Tied()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"head.weight \(its weight is tied to \['embed.weight'\]\)"):
+        sparse = so.SparseTraining(model, opt, density=0.2, include=["head.weight"], sparse_execution=EVERY_LAYER)
+    assert [r.execution for r in sparse.report().layers] == ["masked"]
+
+
 def test_distributed_wrappers_are_refused():
     model = nn.DataParallel(mlp((32, 64, 10)))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

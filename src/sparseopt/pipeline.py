@@ -191,7 +191,7 @@ class SparseTraining:
         if sparse_execution:
             self._check_execution_is_local(model)
             policy = sparse_execution if isinstance(sparse_execution, ExecutionPolicy) else ExecutionPolicy()
-            self.execution = SparseExecution(self.params, self.masks, policy, optimizer, self._dense_grad_needed,
+            self.execution = SparseExecution(model, self.params, self.masks, policy, optimizer, self._dense_grad_needed,
                                              self._row_scale, self._collect_dense)
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]

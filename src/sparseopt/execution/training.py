@@ -99,7 +99,7 @@ class SparseExecution:
     gradient (RigL's mask updates), when the layer computes the full ``dy.T @ x`` and hands it to
     ``collect_dense(name, values, grad)``, as the gradient hooks do on the masked-dense path."""
 
-    def __init__(self, params, masks: dict[str, torch.Tensor], policy: ExecutionPolicy,
+    def __init__(self, model: nn.Module, params, masks: dict[str, torch.Tensor], policy: ExecutionPolicy,
                  optimizer: torch.optim.Optimizer, dense_grad_needed: Callable[[], bool],
                  row_scales: Mapping[str, torch.Tensor],
                  collect_dense: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
@@ -108,8 +108,11 @@ class SparseExecution:
         self.dense_grad_needed = dense_grad_needed
         self.layers: dict[str, CompactLinear] = {}
         self.fallback: dict[str, str] = {}
+        holders: dict[int, list[str]] = {}
+        for name, q in model.named_parameters(remove_duplicate=False):
+            holders.setdefault(id(q), []).append(name)
         for p in params:
-            reason = self._ineligible(p, masks[p.name])
+            reason = self._ineligible(p, masks[p.name]) or _tied(p, holders)
             if reason:
                 self.fallback[p.name] = reason
                 continue
@@ -201,6 +204,12 @@ class SparseExecution:
             if "forward" in vars(layer.module):
                 del layer.module.forward
         self.layers = {}
+
+
+def _tied(p, holders: dict[int, list[str]]) -> str:
+    """A weight shared with another module (tied embeddings) must keep training as one tensor."""
+    names = holders.get(id(p.param), [])
+    return f"its weight is tied to {[n for n in names if n != p.name]}" if len(names) > 1 else ""
 
 
 def _sparse_forward(execution: SparseExecution, layer: CompactLinear):
