@@ -12,7 +12,9 @@ momentum 0.9, weight decay 5e-4), density 0.1 ERK; contenders ``dense`` (no Spar
 * the library alone: the work SparseTraining adds to a step, timed by itself on the step's real gradients (taken
   with ``torch.autograd.grad``, which the hooks do not see): every sparse weight's gradient hook, as autograd would
   call it (``.grad`` set to its result, as AccumulateGrad does), then the optimizer pre- and post-step hooks. It is
-  shown as a share of the dense step's median: ``1 + share`` is what the whole-step ratio measures, less its noise.
+  shown as a share of the dense step (medians, and minima: the least disturbed runs of each): ``1 + share`` is what
+  the whole-step ratio measures, less its noise. Not in it: autograd's cost of calling a Python hook (a few us per
+  sparse weight). The goal counts as met when ``1 + share <= 1.03`` by both.
 
 Memory: ``sparseopt.memory.state_bytes`` of SparseTraining on ResNet-50 (density 0.1 ERK) for static, rigl,
 rigl+so, after one mask update (so the grow-score scratch buffer exists), over the parameter bytes. Goal <= 0.5.
@@ -27,6 +29,7 @@ import argparse
 import copy
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -70,7 +73,7 @@ class Trainer(TimedStep):
             super().run()
 
 
-def library_work(t: Trainer, calls: int):
+def library_work(t: Trainer, calls: int = 1):
     """A callable doing ``calls`` times the library's per-step work (see the module docstring) on ``t``'s real
     gradients: the gradient hooks, then the optimizer's pre- and post-step hooks, without the optimizer itself."""
     st, opt = t.st, t.opt
@@ -79,13 +82,12 @@ def library_work(t: Trainer, calls: int):
     grads = torch.autograd.grad(F.cross_entropy(t.model(t.x), t.y), params)
     raw = {id(p): g for p, g in zip(params, grads)}
     hooked = [(p.param, st._gradients._hook(p.name, p.param), raw[id(p.param)]) for p in st.params]
-    plain = [(p, raw[id(p)]) for p in params if id(p) not in {id(q.param) for q in st.params}]
+    for p in params:  # the other gradients, as backward leaves them (no per-step library work on them)
+        p.grad = raw[id(p)]
 
     def run():
         for _ in range(calls):
             st.step_count = 1
-            for p, g in plain:
-                p.grad = g
             for p, hook, g in hooked:
                 (p.grad,) = hook((g,))
             st._before_step(opt, (opt,), {})
@@ -104,20 +106,25 @@ def step_rows(name, base, x, y, reps, steps):
     print(f"\n{name}: ms per training step, ratios against dense ({reps} reps x {steps} steps, interleaved)")
     print(format_table(rows, "dense", unit="ms", scale=1e3))
 
-    calls = max(1, round(0.05 / rows[0]["median_s"]))  # about 50 ms of steps per timed call
+    one = library_work(trainers["rigl+so"])
+    start = time.perf_counter()
+    one()
+    calls = max(3, round(0.02 / (time.perf_counter() - start)))  # about 20 ms of library work per timed call
+    lib_reps = max(11, reps // 2)
     lib = summarize({m: [s / calls for s in ts] for m, ts in time_interleaved(
         [Contender(m, library_work(t, calls)) for m, t in trainers.items() if t.st is not None],
-        reps=max(11, reps // 2), warmup=2, progress=False).items()}, "static")
-    dense_s = rows[0]["median_s"]
-    print(f"the library alone (gradient hooks + pre-/post-step hooks), median of {max(11, reps // 2)} reps x "
-          f"{calls} calls, and its share of the dense step ({dense_s * 1e3:.3f} ms):")
+        reps=lib_reps, warmup=2, progress=False).items()}, "static")
+    dense, dense_min = rows[0]["median_s"], rows[0]["min_s"]
+    print(f"the library alone (gradient hooks + pre-/post-step hooks), {lib_reps} reps x {calls} calls, as a share "
+          f"of the dense step (median {dense * 1e3:.3f} ms, min {dense_min * 1e3:.3f} ms):")
     verdict = {}
     for r, w in zip(rows[1:], lib):
-        share = w["median_s"] / dense_s
-        r["library_s"], r["library_share_of_dense"] = w["median_s"], share
-        verdict[r["name"]] = 1 + share <= GOAL
-        print(f"  {r['name']:8s} {w['median_s'] * 1e6:8.1f} us = {100 * share:5.2f} % of dense (IQR "
-              f"{w['q1_s'] * 1e6:.1f}-{w['q3_s'] * 1e6:.1f} us); whole-step paired ratio "
+        share, share_min = w["median_s"] / dense, w["min_s"] / dense_min
+        r.update(library_s=w["median_s"], library_min_s=w["min_s"], library_share_of_dense=share,
+                 library_min_share_of_dense_min=share_min)
+        verdict[r["name"]] = 1 + max(share, share_min) <= GOAL
+        print(f"  {r['name']:8s} median {w['median_s'] * 1e6:7.1f} us = {100 * share:5.2f} %, min "
+              f"{w['min_s'] * 1e6:7.1f} us = {100 * share_min:5.2f} % of dense's min; whole-step paired ratio "
               f"{r['median_paired_ratio']:.3f} (quartiles {r['paired_q1']:.3f}-{r['paired_q3']:.3f})")
     return {"rows": rows, "goal_library_share_le_3pct": verdict}
 
@@ -159,7 +166,7 @@ def main(argv=None) -> dict:
         payload["bn_mlp"] = step_rows("BN MLP 784-300-100-10, batch 128", mlp, torch.randn(128, 784, generator=g),
                                       torch.randint(0, 10, (128,), generator=g), args.reps, args.steps)
         payload["resnet20"] = step_rows("ResNet-20, batch 128", resnet20(), torch.randn(128, 3, 32, 32, generator=g),
-                                        torch.randint(0, 10, (128,), generator=g), max(5, args.reps // 4), 1)
+                                        torch.randint(0, 10, (128,), generator=g), max(7, args.reps // 3), 1)
     if args.only != "step":
         print()
         payload["memory_resnet50"] = memory_rows()
