@@ -4,9 +4,10 @@ dense weight, so the optimizer step, the gradient and the masking cost O(nnz), n
 The dense ``weight`` stays the module's parameter of record: it is what ``state_dict()``, the report, the mask
 updates and export read, and it is kept equal to the values (written back after every optimizer step, O(nnz)). The
 optimizer's state dict stays dense-shaped too, so checkpoints are the same as on the masked-dense path and can be
-loaded into either. Which side was written last is told by the tensors' version counters: a write to the weight
-(``load_state_dict``, an edit) is gathered into the values before the next forward, a write to the values (the
-optimizer step) is scattered into the weight.
+loaded into either. Between steps, which side was written last is told by the tensors' version counters: a write
+to the weight (``load_state_dict``, an edit) is gathered into the values before the next forward, a write to the
+values is scattered into the weight. The optimizer step's write is mirrored unconditionally (:meth:`mirror`): fused
+optimizers (``fused=True``, the HF Trainer's default ``adamw_torch_fused``) do not bump the version counter.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ class CompactLinear:
             self.values.copy_(self._gather())
         elif self.values._version != values_v:
             self.weight.view(-1).scatter_(0, self.layout.flat, self.values.detach())  # 2.6x index_copy_ here
+        self._mark_synced()
+
+    @torch.no_grad()
+    def mirror(self) -> None:
+        """The optimizer step wrote the values: scatter them into the weight (their version counter may not say so)."""
+        self.weight.view(-1).scatter_(0, self.layout.flat, self.values.detach())
         self._mark_synced()
 
     def value_scale(self) -> torch.Tensor | None:

@@ -160,7 +160,7 @@ class SparseExecution:
     def after_step(self) -> None:
         """The optimizer wrote the values: mirror them into the dense weights (O(nnz))."""
         for layer in self.layers.values():
-            layer.sync()
+            layer.mirror()
 
     def disengage(self) -> None:
         for layer in self.layers.values():
