@@ -250,3 +250,65 @@ def test_diagnose_coord_check_and_sweep(tmp_path, capsys):
     result = json.loads((sw / "results.json").read_text())
     assert set(result["optimum_shift"]) == {"sp", "supar"} and (sw / "lr_sweep.png").is_file()
     assert len(result["results"][0]["rows"]) == 4
+
+
+# ---- sparsity.execution: sparse -----------------------------------------------------------------------------------
+#: both Linear layers of TINY's MLP (and of counting_mlp) sparse and eligible for the CSR kernels, whatever their size
+SPARSE_RUN = {**TINY["sparsity"], "prune_first_layer": True, "execution": "sparse", "execution_max_density": 1.0,
+              "execution_min_numel": 0}
+
+
+def rows_of(run_dir, split):
+    return [r for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == split]
+
+
+def test_sparse_execution_trains_like_the_masked_run_and_names_its_sparse_layers(tmp_path):
+    """Compiled too (train.compile): the sparse layers run eagerly inside the compiled model."""
+    runs = {}
+    for execution, compile_ in (("masked", False), ("sparse", True)):
+        config = {**TINY, "sparsity": {**SPARSE_RUN, "execution": execution},
+                  "train": {**TINY["train"], "compile": compile_}, "diagnostics": {"scales_every": 4}}
+        runs[execution] = out = tmp_path / execution
+        assert main(["train", write_config(tmp_path, config, f"{execution}.yaml"), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((runs["sparse"] / "results.json").read_text())
+    layers = results["sparsity"]["layers"]
+    assert [(r["name"], r["execution"]) for r in layers] == [("net.1.weight", "sparse"), ("net.4.weight", "sparse")]
+    assert results["final"]["test_accuracy"] > 0.5
+    assert "2 sparse" in (runs["sparse"] / "sparsity.txt").read_text()
+    masked = json.loads((runs["masked"] / "results.json").read_text())["sparsity"]["layers"]
+    assert {r["execution"] for r in masked} == {"masked"}
+    # the logged gradient norms include the sparse layers' values gradients: the same as the masked run's
+    for split, keys in (("train", ["grad_norm"]), ("scales", ["grad_norm/net.1", "grad_norm/net.4"])):
+        sparse, dense = rows_of(runs["sparse"], split), rows_of(runs["masked"], split)
+        assert len(sparse) == len(dense) > 0
+        for a, b in zip(sparse, dense):
+            assert all(a[k] == pytest.approx(b[k], rel=1e-4) for k in keys), (a, b)
+    a, b = final_weights(runs["sparse"]), final_weights(runs["masked"])
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5) for k in a)
+
+
+def test_sparse_execution_resumes_bit_identically_and_diagnose_reads_its_checkpoints(tmp_path, capsys):
+    model = {"name": "cli_models:counting_mlp"}
+    straight = tmp_path / "straight"
+    config = write_config(tmp_path, {**TINY, "model": model, "sparsity": SPARSE_RUN})
+    assert main(["train", config, "--out", str(straight), "--quiet"]) == 0
+    layers = json.loads((straight / "results.json").read_text())["sparsity"]["layers"]
+    assert [r["execution"] for r in layers] == ["sparse", "sparse"]
+
+    interrupted = tmp_path / "interrupted"
+    config_int = write_config(tmp_path, {**TINY, "model": {**model, "options": {"interrupt_at": 11}},
+                                         "sparsity": SPARSE_RUN}, "int.yaml")
+    assert main(["train", config_int, "--out", str(interrupted), "--quiet"]) == 130
+    assert "checkpoint written" in capsys.readouterr().err
+    cfg = yaml.safe_load((interrupted / "config.yaml").read_text())
+    cfg["model"]["options"] = {}
+    (interrupted / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--resume", str(interrupted), "--quiet"]) == 0
+    a, b = final_weights(straight), final_weights(interrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(r["grad_norm"] == s["grad_norm"]
+               for r, s in zip(rows_of(straight, "train"), rows_of(interrupted, "train")))
+    # the checkpoints are masked-dense: the Hessian diagnosis (which needs the dense weights) reads them
+    assert main(["diagnose", "hessian", str(straight), "--samples", "64", "--k", "2"]) == 0
+    assert json.loads((straight / "hessian.json").read_text())["restricted"]["status"] == "ok"

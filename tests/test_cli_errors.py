@@ -163,6 +163,10 @@ def setting(*overrides: str) -> list[str]:
     return [*TRAIN, *(a for o in overrides for a in ("--set", o))]
 
 
+#: sparse execution of both Linear layers of TINY's MLP (the thresholds make its small layers eligible)
+SPARSE = ("sparsity.execution=sparse", "sparsity.prune_first_layer=true", "sparsity.execution_max_density=1",
+          "sparsity.execution_min_numel=0")
+
 PREFLIGHT_CASES = [
     Case("out-is-a-file", TRAIN, ["output folder out exists and is a file"], {"c.yaml": TINY, "out": "x"}),
     Case("out-under-a-file", [*TRAIN[:-1], "f/run"], ["output folder f/run cannot be created: f is a file"],
@@ -241,6 +245,16 @@ PREFLIGHT_CASES = [
          ["data.batch_size 1: BatchNorm 'net.2'", "at least 2"], {"c.yaml": TINY}),
     Case("missing-cifar", setting("data.name=cifar10", "data.options={}", "data.root=nowhere"),
          ["cifar-10-batches-py"], {"c.yaml": TINY}),
+    Case("sparse-execution-of-a-dense-model", setting(*SPARSE, "sparsity.method=dense", "sparseopt.enabled=false"),
+         ["sparsity.execution 'sparse' needs sparse layers and sparsity.method 'dense' has none"], {"c.yaml": TINY}),
+    Case("sparse-execution-in-bf16", setting(*SPARSE, "train.precision=bf16"),
+         ["sparsity.execution 'sparse' does not combine with train.precision 'bf16'", "set train.precision: fp32"],
+         {"c.yaml": TINY}),
+    Case("sparse-execution-in-fp16", setting(*SPARSE, "train.precision=fp16"),
+         ["sparsity.execution 'sparse' does not combine with train.precision 'fp16'"], {"c.yaml": TINY}),
+    Case("sparse-execution-with-hessian", setting(*SPARSE, "diagnostics.hessian_every=4"),
+         ["sparsity.execution 'sparse' does not combine with diagnostics.hessian_every 4",
+          "set diagnostics.hessian_every: 0", "sparsity.execution: masked"], {"c.yaml": TINY}),
 ]
 
 
@@ -252,6 +266,17 @@ def test_what_can_be_checked_before_training_is_checked_before_the_folder_exists
     err = check(case, tmp_path, capsys, monkeypatch)
     errors = [line for line in err.splitlines() if not line.startswith("warning: ")]  # torch's own, e.g. width 0
     assert len(errors) == 1 and errors[0].startswith("error: "), err
+
+
+def test_sparse_execution_under_torchrun_is_refused_before_joining_the_process_group(tmp_path, capsys, monkeypatch):
+    """WORLD_SIZE is what torchrun sets; the refusal comes before any collective, so no peer is needed here (the
+    real ``torchrun --nproc_per_node=2`` prints the same line on each rank and exits 2 on each)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    case = Case("sparse-under-torchrun", setting(*SPARSE), ["sparsity.execution 'sparse' does not combine with "
+                                                            "torchrun (WORLD_SIZE 2)", "sparsity.execution: masked"],
+                {"c.yaml": TINY})
+    err = check(case, tmp_path, capsys, monkeypatch)
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith("error: "), err
 
 
 def test_settings_that_never_take_effect_are_warned_about(tmp_path, capsys, monkeypatch):
@@ -543,6 +568,8 @@ def test_the_fix_a_message_suggests_is_accepted(fix, tmp_path, capsys, monkeypat
     (["optim.ham_alpha=5"], "optim.ham_alpha 5.0 has no effect with optim.ham false"),
     (["diagnostics.hessian_k=2"], "diagnostics.hessian_k 2 has no effect with diagnostics.hessian_every 0 (off)"),
     (["data.root=/data"], "data.root '/data' has no effect with data.name 'synthetic'"),
+    (["sparsity.execution_min_numel=0"], "sparsity.execution_min_numel 0 has no effect with sparsity.execution "
+                                         "'masked'"),
 ])
 def test_settings_the_config_switches_off_are_named(overrides, warning, tmp_path, capsys, monkeypatch):
     prepare(tmp_path, {"c.yaml": tiny(train={"epochs": 1})})

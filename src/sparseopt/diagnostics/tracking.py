@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseopt.execution.compact import VALUES
 from sparseopt.diagnostics.hessian import EigenResult, HessianOperator, _preserved, lanczos, stability_threshold
 from sparseopt.diagnostics.itop import factor_summary, itop_summary
 from sparseopt.layouts import layout_of
@@ -141,6 +142,14 @@ class HessianTracker:
         self._v_pre = state.get("v_pre")
 
 
+def _trained(module: nn.Module) -> torch.Tensor:
+    """What the optimizer trains for the module's weight: its active values on a sparse-run Linear
+    (``SparseTraining(sparse_execution=...)``, whose dense weight gets no gradient), else the weight. The norms
+    agree: the masked dense gradient is zero off the active entries."""
+    values = getattr(module, VALUES, None)
+    return values if isinstance(values, torch.Tensor) else module.weight
+
+
 def _rms_stats(out: torch.Tensor) -> dict[str, float]:
     a = out.detach().to(torch.float64)
     return {"act_mean_abs": float(a.abs().mean()), "act_std": float(a.std()) if a.numel() > 1 else 0.0,
@@ -151,7 +160,8 @@ class ScaleTracker:
     """Per-layer gradient, weight and activation scales every ``every`` steps (Conv/Linear layers).
 
     * ``grad_norm/<layer>``: norm of the weight's ``.grad`` as the optimizer used it (masked, and SparseOpt-scaled
-      when enabled; the callback runs after the step and before the next ``zero_grad``). Absent when the step
+      when enabled; the callback runs after the step and before the next ``zero_grad``); of the active values for
+      a sparse-run Linear (``sparse_execution``), the same norm. Absent when the step
       dropped the gradients (a RigL/SET mask-update step with ``skip_step_on_update``).
     * ``weight_norm/<layer>``.
     * ``act_mean_abs/<layer>``, ``act_std/<layer>``, ``act_rms/<layer>``: the layer's output on the first
@@ -177,8 +187,9 @@ class ScaleTracker:
         metrics: dict[str, float] = {}
         for n, m in layers:
             w = m.weight
-            if w.grad is not None:
-                metrics[f"grad_norm/{n}"] = float(torch.linalg.vector_norm(w.grad.detach()))
+            grad = _trained(m).grad
+            if grad is not None:
+                metrics[f"grad_norm/{n}"] = float(torch.linalg.vector_norm(grad.detach()))
             metrics[f"weight_norm/{n}"] = float(torch.linalg.vector_norm(w.detach()))
         data = _subset(ctx, self.batch)
         if data is not None:

@@ -213,6 +213,9 @@ def _tied(p, holders: dict[int, list[str]]) -> str:
 
 
 def _sparse_forward(execution: SparseExecution, layer: CompactLinear):
+    # torch.compile runs it eagerly (a graph break): traced, it recompiled for each layer's value count and mode
+    # until torch's recompile limit (8) in a 3-layer MLP, for no gain (the CSR kernels are opaque to it)
+    @torch.compiler.disable
     def forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         layer.sync()
         if not torch.is_grad_enabled():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sparseopt.execution.training import SPARSE_MAX_DENSITY, SPARSE_MIN_BATCH, SPARSE_MIN_NUMEL
 from sparseopt.experiments.config.load import option
 
 
@@ -53,6 +54,16 @@ class SparsityConfig:
     pai_scope: Literal["global", "layer"] = "global"
     pai_batches: int = option(1, gt=0, help="training batches scored by SNIP/GraSP")
     grasp_samples_per_class: int = option(10, gt=0)
+    execution: Literal["masked", "sparse"] = option(
+        "masked", help="sparse: nn.Linear layers at or below the break-even run CSR kernels and train only their "
+        "active values (CPU, fp32, one process; same results up to float rounding); masked: dense kernels")
+    execution_max_density: float | None = option(
+        None, gt=0, le=1, help=f"sparse execution: denser layers stay masked (default {SPARSE_MAX_DENSITY}, the "
+        "measured break-even)")
+    execution_min_numel: int | None = option(
+        None, ge=0, help=f"sparse execution: layers with fewer weights stay masked (default {SPARSE_MIN_NUMEL})")
+    execution_min_batch: int | None = option(
+        None, ge=0, help=f"sparse execution: forwards of fewer rows use the dense product (default {SPARSE_MIN_BATCH})")
 
 
 @dataclass

@@ -15,7 +15,8 @@ from sparseopt.data.registry import DataBundle
 from sparseopt.experiments.run import preflight
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.run.lr_schedule import warmup_cosine_scheduler
-from sparseopt.experiments.config.schema import RunConfig
+from sparseopt.execution.training import ExecutionPolicy
+from sparseopt.experiments.config.schema import RunConfig, SparsityConfig
 from sparseopt.models import build_model
 
 
@@ -102,6 +103,15 @@ def initial_masks(cfg: RunConfig, model: nn.Module, data: DataBundle) -> dict[st
                             example_input=batches[0][0][:2] if batches else None)
 
 
+def execution_policy(s: SparsityConfig) -> ExecutionPolicy | bool:
+    """``sparse_execution=`` from ``sparsity.execution`` and its thresholds (None: the library's measured default)."""
+    if s.execution == "masked":
+        return False
+    given = {"max_density": s.execution_max_density, "min_numel": s.execution_min_numel,
+             "min_batch": s.execution_min_batch}
+    return ExecutionPolicy(**{k: v for k, v in given.items() if v is not None})
+
+
 def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  total_steps: int, masks: dict[str, torch.Tensor] | None = None,
                  example_input: torch.Tensor | None = None) -> so.SparseTraining | None:
@@ -133,7 +143,8 @@ def build_sparse(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
                              topology=topology, preconditioner=preconditioner,
                              init=None if s.init == "none" else s.init, seed=cfg.train.seed, masks=masks,
                              renormalize=None if p.renormalize == "none" else p.renormalize,
-                             constant_fan_in=s.constant_fan_in, example_input=example_input)
+                             constant_fan_in=s.constant_fan_in, sparse_execution=execution_policy(s),
+                             example_input=example_input)
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:

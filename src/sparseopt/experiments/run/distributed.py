@@ -32,9 +32,14 @@ class DistInfo:
         return self.rank == 0
 
 
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_from_env() -> DistInfo:
     """Join the process group torchrun describes in the environment (no-op for a single process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     if world <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))

@@ -156,6 +156,33 @@ def _check_batchnorm_batches(per_example: dict[str, int], data: DataBundle, cfg:
                                 "to skip the short batch")
 
 
+def check_execution(cfg: RunConfig, world: int) -> None:
+    """What ``sparsity.execution: sparse`` cannot run with, one line per conflict naming both keys; first of all
+    checks, so a torchrun rank refuses before it joins the process group and no run leaves output behind."""
+    if cfg.sparsity.execution != "sparse":
+        return
+    ours, fix = "sparsity.execution 'sparse'", "or set sparsity.execution: masked"
+    errors = []
+    if cfg.sparsity.method == "dense":
+        errors.append(f"{ours} needs sparse layers and sparsity.method 'dense' has none: set sparsity.execution: "
+                      "masked, or sparsity.method: static, set or rigl")
+    if world > 1:
+        errors.append(f"{ours} does not combine with torchrun (WORLD_SIZE {world}): each sparse-run layer trains its "
+                      "active values as a parameter DistributedDataParallel does not synchronise; run one process, "
+                      f"{fix}")
+    if cfg.train.precision != "fp32":
+        errors.append(f"{ours} does not combine with train.precision {cfg.train.precision!r}: the CSR kernels have no "
+                      "bfloat16/float16 version (torch's MKL CSR product refuses them), so a sparse-run layer would "
+                      f"fail on a reduced-precision input or ignore autocast; set train.precision: fp32, {fix}")
+    if cfg.diagnostics.hessian_every > 0:
+        errors.append(f"{ours} does not combine with diagnostics.hessian_every {cfg.diagnostics.hessian_every}: "
+                      "Hessian-vector products differentiate twice through the weights and a sparse-run layer's "
+                      "CSR kernels have no second derivative; set diagnostics.hessian_every: 0 (`sparseopt diagnose "
+                      f"hessian RUN_DIR` measures the run's checkpoints afterwards), {fix}")
+    if errors:
+        raise ConfigError(errors)
+
+
 def check_schedule(cfg: RunConfig, steps_per_epoch: int, total_steps: int) -> None:
     """Refuse schedule values that would quietly turn the method into another one (or switch a setting off)."""
     s, o, t = cfg.sparsity, cfg.optim, cfg.train
@@ -271,11 +298,14 @@ def ignored_settings(cfg: RunConfig) -> list[str]:
 
     s, dynamic = cfg.sparsity, ["update_every", "drop_fraction", "start_step", "end_fraction", "annealing",
                                 "skip_step_on_update", "grow_init"]
-    if s.method == "dense":
-        note(changed("sparsity", [f for f in vars(s) if f not in ("method", "initial_mask")]),
+    if s.method == "dense":  # initial_mask and execution under dense are errors (build_sparse, check_execution)
+        note(changed("sparsity", [f for f in vars(s) if f not in ("method", "initial_mask", "execution")]),
              "sparsity.method 'dense'")
     elif s.method == "static":
         note(changed("sparsity", dynamic), "sparsity.method 'static' (masks never change)")
+    if s.method != "dense" and s.execution == "masked":
+        note(changed("sparsity", ["execution_max_density", "execution_min_numel", "execution_min_batch"]),
+             "sparsity.execution 'masked'")
     if s.method != "dense" and s.distribution == "uniform":
         note(changed("sparsity", ["erk_power_scale"]), "sparsity.distribution 'uniform'")
     if s.initial_mask == "random":

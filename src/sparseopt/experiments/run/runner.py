@@ -26,11 +26,12 @@ from sparseopt.experiments.run.build import Experiment, build_callbacks, build_e
 from sparseopt.experiments.run.callbacks import Callback, StepContext
 from sparseopt.experiments.run.checkpoint import CheckpointManager, atomic_write
 from sparseopt.experiments.config.load import dump_yaml, to_dict
-from sparseopt.experiments.run.distributed import barrier, broadcast_buffers, init_from_env, max_over_ranks
+from sparseopt.experiments.run.distributed import (barrier, broadcast_buffers, init_from_env, max_over_ranks,
+                                                   world_size_from_env)
 from sparseopt.experiments.errors import UserError
 from sparseopt.experiments.run.evaluation import evaluate
 from sparseopt.experiments.run.precision import MixedPrecision
-from sparseopt.experiments.run.preflight import ConfigWarning, check_output_folder
+from sparseopt.experiments.run.preflight import ConfigWarning, check_execution, check_output_folder
 from sparseopt.experiments.run.resume import describe, plan_resume
 from sparseopt.experiments.run.runlog import RunLogger, progress
 from sparseopt.experiments.config.schema import RunConfig
@@ -134,8 +135,9 @@ class Runner:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = not cfg.train.deterministic  # autotuned conv kernels, unless exactness
+        check_execution(cfg, world_size_from_env())      # the cheap checks first: nothing built yet
         self.dist = init_from_env()
-        check_output_folder(self.out)                     # the cheap checks first: nothing built yet
+        check_output_folder(self.out)
         check_out_dir(self.out, overwrite=overwrite, resume=resume)
         self.plan = plan_resume(self.out, cfg) if resume else None  # refuses a changed config, touching nothing
         if self.plan is not None and self.plan.finished is not None:

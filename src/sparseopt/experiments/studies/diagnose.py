@@ -68,6 +68,7 @@ def hessian(run_dir: str | Path, out: str | Path | None = None, *, k: int = 4, s
     out = Path(out) if out is not None else run_dir
     check_output_folder(out)
     cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"))
+    cfg.sparsity.execution = "masked"  # Hessian-vector products need the dense weights; checkpoints are the same
     exp = build_experiment(cfg)
     state = load_checkpoint(checkpoints[-1], map_location=exp.device)
     restore_model_state(exp, state, checkpoints[-1], run_dir / "config.yaml")
