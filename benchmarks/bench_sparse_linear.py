@@ -6,15 +6,16 @@ input gradient and SDDMM weight gradient on the compact (nnz,) values; shapes 10
 (out x in), densities 0.3/0.2/0.1/0.05/0.02, batch 1/64/256.
 
 End to end: the BatchNorm MLP 4096-4096-4096-10 (Linear without bias, BatchNorm1d, ReLU), all Linear weights sparse
-(``prune_first_layer=True``, uniform density 0.05), batch 256, SGD(lr=0.1, momentum=0.9, weight_decay=5e-4),
-RigL(update_every=100)+SparseOpt; one timed step = ``zero_grad; CE(model(x), y).backward(); step``, non-update
+(``prune_first_layer=True``, uniform density 0.05), batch 256, SGD(lr=0.1, momentum=0.9, weight_decay=5e-4) or
+(``--optimizer adamw``) AdamW(lr=1e-3, weight_decay=1e-2), RigL(update_every=100)+SparseOpt; before timing, a check
+that masked-dense and sparse execution train the same network (4 steps with a mask update); one timed step = ``zero_grad; CE(model(x), y).backward(); step``, non-update
 steps (step counter reset to 1 before each). Contenders: ``dense`` (no SparseTraining), ``masked`` (SparseTraining,
 masked-dense), ``sparse`` (``sparse_execution=True``; the 4096x10 head stays
 masked-dense: 40,960 < 1,048,576 weights, as the warning says).
 
 Interleaved repetitions, medians and paired ratios (benchmarks/common.py).
 Run:  .venv/bin/python benchmarks/bench_sparse_linear.py [--reps 5] [--threads 1] [--only layer|e2e]
-          [--shapes 4096x4096 ...] [--densities 0.05 ...] [--batches 256 ...]
+          [--shapes 4096x4096 ...] [--densities 0.05 ...] [--batches 256 ...] [--optimizer sgd|adamw]
 Result: benchmarks/results/sparse_linear_t<threads>.json
 """
 
@@ -79,21 +80,55 @@ def layer_rows(reps: int, shapes=SHAPES, densities=DENSITIES, batches=BATCHES) -
     return out
 
 
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2),
+}
+
+
 class Trainer(TimedStep):
-    def __init__(self, model, mode, x, y):
+    def __init__(self, model, mode, x, y, optimizer="sgd", update_every=100):
         self.model, self.x, self.y = model, x, y
-        self.opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        self.opt = OPTIMIZERS[optimizer](model.parameters())
         self.st = None
         if mode != "dense":
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 self.st = so.SparseTraining(model, self.opt, density=0.05, distribution="uniform",
                                             prune_first_layer=True, preconditioner=so.SparseOpt(),
-                                            topology=so.RigL(update_every=100, end_step=10**6),
+                                            topology=so.RigL(update_every=update_every, end_step=10**6),
                                             sparse_execution=mode == "sparse")
             for w in caught:
                 print(f"  [{mode}] warning: {w.message}")
         model.train()
+
+    def state_bytes(self) -> int:
+        """The optimizer's state: dense-shaped on the masked path, (nnz,) per sparse-run layer."""
+        return sum(v.numel() * v.element_size() for st in self.opt.state.values() for v in st.values()
+                   if isinstance(v, torch.Tensor))
+
+
+def check_same_training(base, x, y, optimizer) -> dict:
+    """Before timing, from identical weights and masks: one ordinary step of masked-dense and of sparse execution
+    gives the same parameters up to float rounding (all parameters together, relative); then one RigL update.
+    The sparse products round differently from the dense ones, so among the 16.7 M grow scores of a layer a few at
+    the top-k boundary swap places (the small-model tests get identical masks): count the mask entries that differ."""
+    runs = [Trainer(copy.deepcopy(base), mode, x, y, optimizer, update_every=2) for mode in ("masked", "sparse")]
+    for run in runs:
+        run.st.step_count = 1
+        run.run()
+    masked, sparse = (run.model.state_dict() for run in runs)
+    floats = [n for n, w in masked.items() if w.is_floating_point()]
+    diff = sum(float((sparse[n] - masked[n]).pow(2).sum()) for n in floats) ** 0.5
+    norm = sum(float(masked[n].pow(2).sum()) for n in floats) ** 0.5
+    for run in runs:
+        run.run()                                       # step 2: a mask update
+    assert all(run.st.changed[n] for run in runs for n in run.st.changed if run.st.changed[n] is not None)
+    differ = sum(int((runs[0].st.masks[n] != runs[1].st.masks[n]).sum()) for n in runs[0].st.masks)
+    active = sum(int(m.sum()) for m in runs[0].st.masks.values())
+    assert diff <= 1e-5 * norm, f"sparse execution trained a different step: relative difference {diff / norm:.2e}"
+    assert differ <= 1e-3 * active, f"{differ} of {active} mask entries differ after one RigL update"
+    return {"step_rel_diff": diff / norm, "mask_entries_differing": differ, "active": active}
 
 
 def bn_mlp(widths=(4096, 4096, 4096, 10)):
@@ -105,18 +140,24 @@ def bn_mlp(widths=(4096, 4096, 4096, 10)):
     return nn.Sequential(*layers)
 
 
-def e2e_rows(reps: int) -> list[dict]:
+def e2e_rows(reps: int, optimizer: str) -> dict:
     torch.manual_seed(0)
     base = bn_mlp()
     x, y = torch.randn(256, 4096), torch.randint(0, 10, (256,))
-    trainers = {m: Trainer(copy.deepcopy(base), m, x, y) for m in ("dense", "masked", "sparse")}
+    check = check_same_training(base, x, y, optimizer)
+    print(f"  check, masked-dense vs sparse execution: one step's parameters within {check['step_rel_diff']:.1e} "
+          f"(relative); after one RigL update {check['mask_entries_differing']} of {check['active']} mask entries "
+          "differ (grow scores tied up to rounding)")
+    trainers = {m: Trainer(copy.deepcopy(base), m, x, y, optimizer) for m in ("dense", "masked", "sparse")}
     print("  execution per layer:", [(r.name, r.execution) for r in trainers["sparse"].st.report().layers])
     times = time_interleaved([Contender(m, t.run, t.prepare) for m, t in trainers.items()], reps=reps, warmup=2,
                              progress=False)
     rows = summarize(times, "dense")
-    print("\nEnd to end, BN MLP 4096-4096-4096-10, density 0.05, batch 256 (ms per training step)")
+    print(f"\nEnd to end, BN MLP 4096-4096-4096-10, density 0.05, batch 256, {optimizer} (ms per training step)")
     print(format_table(rows, "dense", unit="ms", scale=1e3))
-    return rows
+    state = {m: t.state_bytes() for m, t in trainers.items()}
+    print("optimizer state: " + ", ".join(f"{m} {b / 2**20:.1f} MiB" for m, b in state.items()))
+    return {"rows": rows, "optimizer_state_bytes": state, "check": check, "optimizer": optimizer}
 
 
 def main(argv=None) -> dict:
@@ -127,6 +168,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES], help="out x in, e.g. 4096x4096")
     ap.add_argument("--densities", nargs="+", type=float, default=DENSITIES)
     ap.add_argument("--batches", nargs="+", type=int, default=BATCHES)
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd", help="end to end only")
     args = ap.parse_args(argv)
     setup_torch(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.reps} reps")
@@ -135,7 +177,7 @@ def main(argv=None) -> dict:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
         payload["layers"] = layer_rows(args.reps, shapes, args.densities, args.batches)
     if args.only != "layer":
-        payload["end_to_end"] = e2e_rows(args.reps * 3)
+        payload["end_to_end"] = e2e_rows(args.reps * 3, args.optimizer)
     print(f"\nwrote {write_json(f'sparse_linear_t{args.threads}', payload)}")
     return payload
 
