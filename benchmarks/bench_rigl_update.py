@@ -174,11 +174,12 @@ class TopkSelectionUpdate(SparseoptUpdate):
     """sparseopt's update with its selections forced to plain ``torch.topk`` (the code before the sampled one)."""
 
     def run(self) -> None:
-        saved, selection.SAMPLED_TOPK_MIN = selection.SAMPLED_TOPK_MIN, 1 << 62
+        saved = selection.SAMPLED_TOPK_MIN, selection.SAMPLED_GROW_MIN
+        selection.SAMPLED_TOPK_MIN = selection.SAMPLED_GROW_MIN = 1 << 62
         try:
             super().run()
         finally:
-            selection.SAMPLED_TOPK_MIN = saved
+            selection.SAMPLED_TOPK_MIN, selection.SAMPLED_GROW_MIN = saved
 
 
 # ---- c. sparsimony ------------------------------------------------------------------------------------------------

@@ -12,16 +12,24 @@ from helpers import mlp, train_step
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 200), st.lists(st.integers(0, 199), max_size=60), st.integers(0, 2**31 - 1))
-def test_packed_masks_set_and_count_like_a_bool_mask(n, marks, seed):
+def test_packed_masks_merge_and_count_like_a_bool_mask(n, marks, seed):
     start = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.3
     packed = PackedMasks({"w": start})
-    idx = torch.tensor([m % n for m in marks], dtype=torch.long)
-    packed.set_("w", idx)
-    expected = start.clone()
-    expected[idx] = True
+    more = torch.zeros(n, dtype=torch.bool)
+    more[torch.tensor([m % n for m in marks], dtype=torch.long)] = True   # repeats allowed
+    packed.merge_("w", more)
+    expected = start | more
     assert torch.equal(packed["w"], expected)
     assert packed.count("w") == int(expected.sum())
     assert torch.equal(unpack_mask(pack_mask(expected), (n,)), expected)
+
+
+@given(st.integers(1, 100), st.integers(0, 2**31 - 1))
+def test_pack_mask_is_the_bit_by_bit_packing(n, seed):
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    bits = torch.cat([mask, mask.new_zeros(-n % 8)]).view(-1, 8).to(torch.int64)
+    assert torch.equal(pack_mask(mask), (bits * (1 << torch.arange(8))).sum(1).to(torch.uint8))
+    assert torch.equal(pack_mask(mask.view(1, n)[:, 1:]), pack_mask(mask[1:].clone()))  # a view at an odd offset
 
 
 def test_state_is_under_half_the_parameter_bytes_without_a_preconditioner():

@@ -535,11 +535,12 @@ class SparseTraining:
                 continue
             mask, w, active = self.masks[p.name], p.param.detach(), self._active[p.name]
             drop = self.topology.drop_score(w, active, p.out_axis)
-            grow = self.topology.grow_score(w, grads.get(p.name), self.generator, out=self._scratch(w))
+            score_buf, work = self._scratch(w)
+            grow = self.topology.grow_score(w, grads.get(p.name), self.generator, out=score_buf)
             if self.constant_fan_in:
                 changes[p.name] = drop_and_grow_per_neuron_(mask, drop, grow, n, active, p.out_axis)
             else:
-                changes[p.name] = drop_and_grow_(mask, drop, grow, n, active=active)
+                changes[p.name] = drop_and_grow_(mask, drop, grow, n, active=active, work=work)
         if distributed:
             changes = self._agree_on_changes(old)
         for p in self.params:
@@ -550,18 +551,18 @@ class SparseTraining:
                 self._apply_change(p, change, grads.get(p.name))
         if self.preconditioner is not None:  # without one the scales are the masks themselves
             self._refresh_grad_scales(changed=set(changes))
-        self._scratch_buf = None  # held only during an update: it would be 4 bytes per weight of the largest layer
+        self._scratch_buf = None  # held only during an update: it would be 8 bytes per weight of the largest layer
         if self.execution is not None:
             self.execution.rebuild(self.masks, set(changes))
 
-    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """One buffer for the grow scores of all layers of an update (a fresh 100 MB tensor per layer would
-        page-fault every layer); freed after the update."""
+    def _scratch(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two buffers shaped like ``like`` for all layers of an update (fresh ones per layer would page-fault every
+        layer): the grow scores, and the selection's flat work space; freed after the update."""
         buf = self._scratch_buf
-        if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype or buf.device != like.device:
-            size = max(p.param.numel() for p in self.params)
-            buf = self._scratch_buf = torch.empty(size, dtype=like.dtype, device=like.device)
-        return buf[:like.numel()].view(like.shape)
+        size = max(p.param.numel() for p in self.params)
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch_buf = torch.empty(2 * size, dtype=like.dtype, device=like.device)
+        return buf[:like.numel()].view(like.shape), buf[size:size + like.numel()]
 
     def _agree_on_changes(self, old: dict[str, torch.Tensor]) -> dict[str, MaskChange]:
         """Rank 0's new masks win; the changes are re-derived from them so every rank applies the same ones."""
@@ -592,7 +593,7 @@ class SparseTraining:
         for value in self.optimizer.state.get(p.param, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == p.shape:
                 value.view(-1).index_fill_(0, touched, 0)
-        self.fired.set_(p.name, change.added)
+        self.fired.merge_(p.name, self.masks[p.name])
         self.changed[p.name] = change.added.numel()
         if change.removed_at.numel() == change.added.numel() > 0:
             self._active[p.name].index_copy_(0, change.removed_at, change.added)

@@ -7,9 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-#: Below this many scores ``torch.topk`` is used directly (the sampled threshold only pays on large layers).
-SAMPLED_TOPK_MIN = 1 << 19
-_SAMPLE = 1 << 14
+#: Below this many scores :func:`topk_indices` uses ``torch.topk`` directly (measured: at k = 0.3 n, the drop
+#: selection's, the sampled bracket pays from about 10^5 scores).
+SAMPLED_TOPK_MIN = 1 << 17
+#: Below this many scores :func:`topk_outside` uses ``torch.topk`` over the not-excluded entries (measured).
+SAMPLED_GROW_MIN = 1 << 14
+_SAMPLE = 1 << 12        # the drop selection's sample: k = 0.3 n leaves a wide band whatever the sample
+_GROW_SAMPLE = 1 << 14   # the grow selection's: every candidate beyond k costs a gather and a topk slot
 _MARGIN_SIGMAS = 5.0
 
 
@@ -23,14 +27,16 @@ class MaskChange:
 
 
 def drop_and_grow_(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, n: int,
-                   active: torch.Tensor | None = None) -> MaskChange:
+                   active: torch.Tensor | None = None, work: torch.Tensor | None = None) -> MaskChange:
     """Update ``mask`` in place: drop the ``n`` active entries with the smallest ``drop_score``, then grow the ``n``
     entries with the largest ``grow_score`` among all not kept (just-dropped ones included); nnz is unchanged.
 
     ``drop_score`` holds one score per *active* entry, in the order of ``active`` (the flat indices of the active
-    entries; by default ``mask.nonzero()``, i.e. ``score[mask]``), so the drop top-k runs over nnz entries, not
-    the whole tensor. ``grow_score`` is full-size and is overwritten (kept entries get -inf, so they never compete):
-    pass a scratch tensor. Two :func:`topk_indices` selections of size ``n``, linear in the number of scores.
+    entries; by default ``mask.nonzero()``, i.e. ``score[mask]``), so the drop selection runs over nnz entries, not
+    the whole tensor. ``grow_score`` is full-size and only read: kept entries are left out by the mask after the
+    selection's threshold, not by writing -inf into them. ``work``: an optional float buffer of at least
+    ``grow_score.numel()`` entries the selections may overwrite (saves allocating one per call). Two selections of
+    size ``n`` (:func:`topk_indices`, :func:`topk_outside`), linear in the number of scores.
     """
     flat = mask.view(-1)
     if active is None:
@@ -39,39 +45,84 @@ def drop_and_grow_(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: tor
         return MaskChange(active[:0], active[:0], active[:0])
     if drop_score.numel() != active.numel():
         raise ValueError(f"drop_score has {drop_score.numel()} entries for {active.numel()} active weights")
-    dropped_at = topk_indices(drop_score, n, largest=False)
-    dropped = active[dropped_at]
-    grow = grow_score.view(-1)
-    regrow_scores = grow.index_select(0, dropped)
-    grow.index_fill_(0, active, float("-inf"))
-    grow.index_copy_(0, dropped, regrow_scores)
-    grown = topk_indices(grow, n)
-    was_active = flat.index_select(0, grown)
-    flat.index_fill_(0, dropped, False)
+    dropped_at = topk_indices(drop_score, n, largest=False, work=work)
+    dropped = active.index_select(0, dropped_at)
+    flat.index_fill_(0, dropped, False)                          # ``flat`` is now the kept entries
+    grown = topk_outside(grow_score.view(-1), n, flat, active.numel() - n, work=work)
     flat.index_fill_(0, grown, True)
-    gone = ~flat.index_select(0, dropped)
-    return MaskChange(dropped[gone], grown[~was_active], dropped_at[gone])
+    regrown = flat.index_select(0, dropped)
+    if not bool(regrown.any()):
+        return MaskChange(dropped, grown, dropped_at)
+    back = dropped[regrown]                                      # the few dropped and grown again
+    flat.index_fill_(0, back, False)                             # briefly unmark them to tell them apart
+    old = ~flat.index_select(0, grown)
+    flat.index_fill_(0, back, True)
+    removed, removed_at = _without_flagged(regrown, dropped, dropped_at)
+    (added,) = _without_flagged(old, grown)
+    return MaskChange(removed, added, removed_at)
+
+
+def _without_flagged(flags: torch.Tensor, *arrays: torch.Tensor) -> list[torch.Tensor]:
+    """The entries of each of ``arrays`` (fresh tensors as long as the bool ``flags``) where ``flags`` is False,
+    in some order, the same for all: the few flagged entries at the front are overwritten, in place, by the
+    unflagged ones at the back. One ``nonzero`` over few hits, not a boolean index that writes almost all."""
+    flagged = flags.nonzero().squeeze(1)
+    keep = flags.numel() - flagged.numel()
+    holes = flagged[flagged < keep]
+    movers = (~flags[keep:]).nonzero().squeeze(1).add_(keep)    # as many as holes
+    out = []
+    for a in arrays:
+        a.index_copy_(0, holes, a.index_select(0, movers))
+        out.append(a[:keep])
+    return out
 
 
 @functools.lru_cache(maxsize=256)
-def _prime_stride(n: int) -> int:
-    """A prime near ``n / _SAMPLE``: a strided sample that does not lock onto a row or channel period."""
-    c = max(2, n // _SAMPLE)
+def _prime_stride(n: int, sample: int = _SAMPLE) -> int:
+    """A prime near ``n / sample``: a strided sample that does not lock onto a row or channel period."""
+    c = max(2, n // sample)
     while any(c % d == 0 for d in range(2, int(c ** 0.5) + 1)):
         c += 1
     return c
 
 
-def topk_indices(x: torch.Tensor, k: int, largest: bool = True, min_numel: int | None = None) -> torch.Tensor:
+def _compact(hit: torch.Tensor, few: bool) -> torch.Tensor:
+    """``hit.nonzero()`` of a 1-D bool tensor, as flat indices. ``few``: most entries are False, so first find
+    the 8-entry words (one int64 each) holding a True entry and scan only inside those: ``nonzero`` costs about a
+    nanosecond per entry scanned, and this scans an eighth plus the words hit."""
+    n = hit.numel()
+    head = n - n % 8
+    if not few or head < 64 or hit.storage_offset() % 8:
+        return hit.nonzero().squeeze(1)
+    body = hit[:head]
+    words = body.view(torch.int64).nonzero().squeeze(1)
+    inside = body.view(-1, 8).index_select(0, words).view(-1).nonzero().squeeze(1)
+    out = words.index_select(0, inside >> 3).mul_(8).add_(inside & 7)
+    if head < n:
+        out = torch.cat([out, hit[head:].nonzero().squeeze(1).add_(head)])
+    return out
+
+
+def _beyond(x: torch.Tensor, t: torch.Tensor, largest: bool, out: torch.Tensor) -> torch.Tensor:
+    """Bool: the entries strictly better than ``t`` (above it, or below when not ``largest``). The comparison
+    goes to float 0/1 in ``out`` and then to bool: on CPU both are vectorised, a comparison straight to bool is
+    not (3x slower). NaN compares false, so it is never beyond."""
+    (torch.gt if largest else torch.lt)(x, t, out=out)
+    return out.to(torch.bool)
+
+
+def topk_indices(x: torch.Tensor, k: int, largest: bool = True, min_numel: int | None = None,
+                 work: torch.Tensor | None = None) -> torch.Tensor:
     """Flat indices (unordered) of the ``k`` largest (or smallest) entries of the 1-D ``x``, in O(numel).
 
     The same set as ``torch.topk(x, k, largest=largest).indices`` when ``x`` has no ties at the k-th value, and
     exactly ``k`` entries with ties. A strided sample of ~16k scores brackets the k-th value by two thresholds
-    (its rank ± 5 standard deviations); entries beyond the outer one are in, and an exact ``torch.topk`` over the
-    thin band between the two (about 1% of the entries) fixes the rest. When the sample misses (the counts do not
+    (its rank ± 5 standard deviations); entries beyond the inner one are in, and an exact ``torch.topk`` over the
+    thin band between the two (a few % of the entries) fixes the rest. When the sample misses (the counts do not
     bracket k), it falls back to ``torch.topk``, so the result never depends on the sample's luck, only the time.
     NaN scores are never selected (``torch.topk`` ranks them first); they should not occur in masks' scores.
     Below ``min_numel`` scores (default ``SAMPLED_TOPK_MIN``, measured) ``torch.topk`` is faster and is used.
+    ``work``: an optional float buffer of at least ``x.numel()`` entries to compare into.
     """
     n = x.numel()
     if k <= 0:
@@ -79,22 +130,77 @@ def topk_indices(x: torch.Tensor, k: int, largest: bool = True, min_numel: int |
     if n < (SAMPLED_TOPK_MIN if min_numel is None else min_numel) or k >= n:
         return torch.topk(x, min(k, n), largest=largest, sorted=False).indices
     stride = _prime_stride(n)
-    sample = torch.sort(x[stride // 2::stride], descending=largest).values
-    s = sample.numel()
-    rank = k * s / n
-    margin = _MARGIN_SIGMAS * (rank * (1 - k / n)) ** 0.5 + 2
-    outer, inner = int(rank + margin), int(rank - margin)
-    if outer >= s or inner < 0:
+    bounds = _sample_bounds(x[stride // 2::stride], k / n, (True, True), largest)
+    if bounds is None:
         return torch.topk(x, k, largest=largest, sorted=False).indices
-    outer_t, inner_t = sample[outer], sample[inner]   # k-th value between them: ``inner_t`` is the stricter one
-    reached = x >= outer_t if largest else x <= outer_t
-    beyond = x > inner_t if largest else x < inner_t
-    band = (reached ^ beyond).nonzero().squeeze(1)     # beyond implies reached: the thin band between them
-    sure = beyond.nonzero().squeeze(1)
-    if sure.numel() > k or sure.numel() + band.numel() < k:
+    outer_t, inner_t, _ = bounds          # the k-th value lies between them; ``inner_t`` is the stricter one
+    out = work[:n] if work is not None else torch.empty_like(x)
+    beyond = _beyond(x, inner_t, largest, out)
+    sure = _compact(beyond, few=k < n // 8)
+    if sure.numel() > k:
+        return torch.topk(x, k, largest=largest, sorted=False).indices
+    # the band: reached outer_t (not strictly worse than it) but not beyond inner_t (beyond implies reached)
+    (torch.ge if largest else torch.le)(x, outer_t, out=out)
+    band = _compact(out.to(torch.bool) ^ beyond, few=True)
+    if sure.numel() + band.numel() < k:
         return torch.topk(x, k, largest=largest, sorted=False).indices
     band_at = torch.topk(x.index_select(0, band), k - sure.numel(), largest=largest, sorted=False).indices
-    return torch.cat([sure, band[band_at]])
+    return torch.cat([sure, band.index_select(0, band_at)])
+
+
+def _sample_bounds(sample: torch.Tensor, fraction: float, which: tuple[bool, bool], largest: bool):
+    """From a sample of the scores, the values at the rank of the best ``fraction`` of them ± 5 standard
+    deviations: (outer, inner, share), the looser and the stricter threshold (each only if asked for in
+    ``which``) and the share of the sample at least as good as the outer one; None when the margin runs off
+    either end of the sample."""
+    s = sample.numel()
+    rank = fraction * s
+    margin = _MARGIN_SIGMAS * (rank * (1 - fraction)) ** 0.5 + 2
+    outer, inner = int(rank + margin), int(rank - margin)    # 0-based positions, best first
+    if outer >= s or (which[1] and inner < 0):
+        return None
+
+    def at(position: int) -> torch.Tensor:
+        return torch.kthvalue(sample, s - position if largest else position + 1).values
+
+    return (at(outer) if which[0] else None), (at(inner) if which[1] else None), (outer + 1) / s
+
+
+def topk_outside(x: torch.Tensor, k: int, excluded: torch.Tensor, n_excluded: int,
+                 work: torch.Tensor | None = None, min_numel: int | None = None) -> torch.Tensor:
+    """Flat indices of the ``k`` largest entries of the 1-D ``x`` among those where the bool ``excluded`` is
+    False (``n_excluded`` of them are True), without writing -inf into ``x``: the set ``torch.topk`` gives on
+    ``x`` with the excluded entries at -inf when there are no ties at the k-th value, and exactly ``k`` with ties.
+
+    A strided sample of the not-excluded scores gives a threshold t safely below the k-th value (its rank + 5
+    standard deviations); the candidates are the not-excluded entries strictly above t (a few % of them: one
+    comparison, one bool AND-NOT with ``excluded`` and one ``nonzero``), and ``torch.topk`` over their scores
+    picks k. At least k candidates means every entry at least as large as the k-th is among them, so the result
+    is exact; fewer (the sample missed) falls back to ``torch.topk`` over all not-excluded entries, so the result
+    never depends on the sample's luck, only the time. NaN scores are never candidates. Below ``min_numel``
+    scores (default ``SAMPLED_GROW_MIN``, measured) that fallback is the faster way and is used.
+    ``work``: an optional float buffer of at least ``x.numel()`` entries to compare into.
+    """
+    n = x.numel()
+    pool = n - n_excluded
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=x.device)
+    if k > pool:
+        raise ValueError(f"cannot select {k} of {pool} entries that are not excluded")
+    if n >= (SAMPLED_GROW_MIN if min_numel is None else min_numel) and k < pool:
+        stride = _prime_stride(n, _GROW_SAMPLE)
+        start = stride // 2
+        sample = x[start::stride][~excluded[start::stride]]
+        bounds = _sample_bounds(sample, k / pool, (True, False), largest=True) if sample.numel() else None
+        if bounds is not None:
+            above = _beyond(x, bounds[0], True, work[:n] if work is not None else torch.empty_like(x))
+            expected = bounds[2] * pool / n                      # the share of entries expected to be candidates
+            candidates = _compact(torch.gt(above, excluded, out=above), few=expected < 0.025)
+            if candidates.numel() >= k:
+                at = torch.topk(x.index_select(0, candidates), k, sorted=False).indices
+                return candidates.index_select(0, at)
+    pool_at = (~excluded).nonzero().squeeze(1)
+    return pool_at.index_select(0, torch.topk(x.index_select(0, pool_at), k, sorted=False).indices)
 
 
 def drop_and_grow_per_neuron_(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, n: int,
