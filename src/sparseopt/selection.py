@@ -9,7 +9,7 @@ import torch
 
 #: Below this many scores :func:`topk_indices` uses ``torch.topk`` directly (measured: at k = 0.3 n, the drop
 #: selection's, the sampled bracket pays from about 10^5 scores).
-SAMPLED_TOPK_MIN = 1 << 17
+SAMPLED_TOPK_MIN = 1 << 16
 #: Below this many scores :func:`topk_outside` uses ``torch.topk`` over the not-excluded entries (measured).
 SAMPLED_GROW_MIN = 1 << 14
 _SAMPLE = 1 << 12        # the drop selection's sample: k = 0.3 n leaves a wide band whatever the sample
@@ -33,10 +33,11 @@ def drop_and_grow_(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: tor
 
     ``drop_score`` holds one score per *active* entry, in the order of ``active`` (the flat indices of the active
     entries; by default ``mask.nonzero()``, i.e. ``score[mask]``), so the drop selection runs over nnz entries, not
-    the whole tensor. ``grow_score`` is full-size and only read: kept entries are left out by the mask after the
-    selection's threshold, not by writing -inf into them. ``work``: an optional float buffer of at least
-    ``grow_score.numel()`` entries the selections may overwrite (saves allocating one per call). Two selections of
-    size ``n`` (:func:`topk_indices`, :func:`topk_outside`), linear in the number of scores.
+    the whole tensor. ``grow_score`` is full-size and only read: the grow selection (:func:`topk_outside`) leaves
+    the active entries out by the mask and takes the just-dropped ones as a list, so nothing is written into the
+    scores and the regrown entries come out of the selection itself. ``work``: an optional float buffer of at
+    least ``grow_score.numel()`` entries the selections may overwrite (saves allocating one per call). Two
+    selections of size ``n``, linear in the number of scores.
     """
     flat = mask.view(-1)
     if active is None:
@@ -47,19 +48,14 @@ def drop_and_grow_(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: tor
         raise ValueError(f"drop_score has {drop_score.numel()} entries for {active.numel()} active weights")
     dropped_at = topk_indices(drop_score, n, largest=False, work=work)
     dropped = active.index_select(0, dropped_at)
-    flat.index_fill_(0, dropped, False)                          # ``flat`` is now the kept entries
-    grown = topk_outside(grow_score.view(-1), n, flat, active.numel() - n, work=work)
+    grown, regrown, regrown_at = topk_outside(grow_score.view(-1), n, flat, active.numel(), also=dropped, work=work)
+    if regrown_at.numel():
+        again = torch.zeros(n, dtype=torch.bool, device=mask.device).index_fill_(0, regrown_at, True)
+        dropped, dropped_at = _without_flagged(again, dropped, dropped_at)
+        (grown,) = _without_flagged(regrown, grown)
+    flat.index_fill_(0, dropped, False)
     flat.index_fill_(0, grown, True)
-    regrown = flat.index_select(0, dropped)
-    if not bool(regrown.any()):
-        return MaskChange(dropped, grown, dropped_at)
-    back = dropped[regrown]                                      # the few dropped and grown again
-    flat.index_fill_(0, back, False)                             # briefly unmark them to tell them apart
-    old = ~flat.index_select(0, grown)
-    flat.index_fill_(0, back, True)
-    removed, removed_at = _without_flagged(regrown, dropped, dropped_at)
-    (added,) = _without_flagged(old, grown)
-    return MaskChange(removed, added, removed_at)
+    return MaskChange(dropped, grown, dropped_at)
 
 
 def _without_flagged(flags: torch.Tensor, *arrays: torch.Tensor) -> list[torch.Tensor]:
@@ -148,12 +144,15 @@ def topk_indices(x: torch.Tensor, k: int, largest: bool = True, min_numel: int |
     return torch.cat([sure, band.index_select(0, band_at)])
 
 
-def _sample_bounds(sample: torch.Tensor, fraction: float, which: tuple[bool, bool], largest: bool):
+def _sample_bounds(sample: torch.Tensor, fraction: float, which: tuple[bool, bool], largest: bool,
+                   valid: int | None = None):
     """From a sample of the scores, the values at the rank of the best ``fraction`` of them ± 5 standard
     deviations: (outer, inner, share), the looser and the stricter threshold (each only if asked for in
     ``which``) and the share of the sample at least as good as the outer one; None when the margin runs off
-    either end of the sample."""
-    s = sample.numel()
+    either end of the sample. ``valid``: how many entries of the sample count, the others being worst of all
+    (-inf for ``largest``)."""
+    total = sample.numel()
+    s = total if valid is None else valid
     rank = fraction * s
     margin = _MARGIN_SIGMAS * (rank * (1 - fraction)) ** 0.5 + 2
     outer, inner = int(rank + margin), int(rank - margin)    # 0-based positions, best first
@@ -161,46 +160,62 @@ def _sample_bounds(sample: torch.Tensor, fraction: float, which: tuple[bool, boo
         return None
 
     def at(position: int) -> torch.Tensor:
-        return torch.kthvalue(sample, s - position if largest else position + 1).values
+        return torch.kthvalue(sample, total - position if largest else position + 1).values
 
     return (at(outer) if which[0] else None), (at(inner) if which[1] else None), (outer + 1) / s
 
 
-def topk_outside(x: torch.Tensor, k: int, excluded: torch.Tensor, n_excluded: int,
-                 work: torch.Tensor | None = None, min_numel: int | None = None) -> torch.Tensor:
-    """Flat indices of the ``k`` largest entries of the 1-D ``x`` among those where the bool ``excluded`` is
-    False (``n_excluded`` of them are True), without writing -inf into ``x``: the set ``torch.topk`` gives on
-    ``x`` with the excluded entries at -inf when there are no ties at the k-th value, and exactly ``k`` with ties.
+def topk_outside(x: torch.Tensor, k: int, excluded: torch.Tensor, n_excluded: int, also: torch.Tensor | None = None,
+                 work: torch.Tensor | None = None, min_numel: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of the 1-D ``x`` among those where the bool ``excluded`` is False (``n_excluded``
+    of them are True) and those listed in ``also`` (distinct flat indices of excluded entries), without writing
+    -inf into ``x``: the set ``torch.topk`` gives on ``x`` with the other excluded entries at -inf when there are
+    no ties at the k-th value, and exactly ``k`` with ties. Returns the flat indices, a bool per index saying it
+    came from ``also``, and where in ``also`` those sit.
 
-    A strided sample of the not-excluded scores gives a threshold t safely below the k-th value (its rank + 5
-    standard deviations); the candidates are the not-excluded entries strictly above t (a few % of them: one
-    comparison, one bool AND-NOT with ``excluded`` and one ``nonzero``), and ``torch.topk`` over their scores
-    picks k. At least k candidates means every entry at least as large as the k-th is among them, so the result
-    is exact; fewer (the sample missed) falls back to ``torch.topk`` over all not-excluded entries, so the result
-    never depends on the sample's luck, only the time. NaN scores are never candidates. Below ``min_numel``
-    scores (default ``SAMPLED_GROW_MIN``, measured) that fallback is the faster way and is used.
-    ``work``: an optional float buffer of at least ``x.numel()`` entries to compare into.
+    A strided sample of the eligible scores gives a threshold t safely below the k-th value (its rank + 5 standard
+    deviations); the candidates are the not-excluded entries strictly above t (a few % of them: one comparison,
+    one bool AND-NOT with ``excluded`` and one ``nonzero``) and the ``also`` entries above t, and ``torch.topk``
+    over their scores picks k. At least k candidates means every entry at least as large as the k-th is among
+    them, so the result is exact; fewer (the sample missed) falls back to ``torch.topk`` over all eligible
+    entries, so the result never depends on the sample's luck, only the time. NaN scores are never candidates.
+    Below ``min_numel`` scores (default ``SAMPLED_GROW_MIN``, measured) that fallback is the faster way and is
+    used. ``work``: an optional float buffer of at least ``x.numel()`` entries to compare into.
     """
     n = x.numel()
-    pool = n - n_excluded
+    also = x.new_empty(0, dtype=torch.long) if also is None else also
+    at_also = x.index_select(0, also)
+    pool = n - n_excluded + also.numel()
     if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=x.device)
+        return also[:0], also[:0].bool(), also[:0]
     if k > pool:
-        raise ValueError(f"cannot select {k} of {pool} entries that are not excluded")
+        raise ValueError(f"cannot select {k} of {pool} eligible entries")
+    candidates = None
     if n >= (SAMPLED_GROW_MIN if min_numel is None else min_numel) and k < pool:
         stride = _prime_stride(n, _GROW_SAMPLE)
         start = stride // 2
-        sample = x[start::stride][~excluded[start::stride]]
-        bounds = _sample_bounds(sample, k / pool, (True, False), largest=True) if sample.numel() else None
+        skip = excluded[start::stride]
+        valid = skip.numel() - int(skip.sum())
+        sample = torch.cat([x[start::stride].masked_fill(skip, float("-inf")), at_also[start::stride]])
+        valid += sample.numel() - skip.numel()
+        bounds = _sample_bounds(sample, k / pool, (True, False), largest=True, valid=valid) if valid else None
         if bounds is not None:
-            above = _beyond(x, bounds[0], True, work[:n] if work is not None else torch.empty_like(x))
+            t = bounds[0]
+            above = _beyond(x, t, True, work[:n] if work is not None else torch.empty_like(x))
             expected = bounds[2] * pool / n                      # the share of entries expected to be candidates
-            candidates = _compact(torch.gt(above, excluded, out=above), few=expected < 0.025)
-            if candidates.numel() >= k:
-                at = torch.topk(x.index_select(0, candidates), k, sorted=False).indices
-                return candidates.index_select(0, at)
-    pool_at = (~excluded).nonzero().squeeze(1)
-    return pool_at.index_select(0, torch.topk(x.index_select(0, pool_at), k, sorted=False).indices)
+            outside = _compact(torch.gt(above, excluded, out=above), few=expected < 0.025)
+            inside = (at_also > t).nonzero().squeeze(1)          # positions in ``also``
+            if outside.numel() + inside.numel() >= k:
+                candidates = outside
+    if candidates is None:
+        candidates = (~excluded).nonzero().squeeze(1)
+        inside = torch.arange(also.numel(), device=x.device)
+    scores = torch.cat([x.index_select(0, candidates), at_also.index_select(0, inside)])
+    at = torch.topk(scores, k, sorted=False).indices
+    came = at >= candidates.numel()
+    chosen = torch.cat([candidates, also.index_select(0, inside)]).index_select(0, at)
+    return chosen, came, inside.index_select(0, at[came] - candidates.numel())
 
 
 def drop_and_grow_per_neuron_(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, n: int,
