@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 
 import torch
+
+if sys.byteorder != "little":  # the multiply-packing below reads a word's top byte at its last address
+    raise ImportError("sparseopt.bits packs masks assuming a little-endian machine; this one is big-endian")
 
 _BITS = 8
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
-#: Multiplying an int64 word of eight 0/1 bytes by this gathers byte j's bit into bit 56 + j; the other partial
-#: products land below bit 56 (all at distinct bits, so without carries) or past bit 63.
+#: Multiplying an int64 word of eight 0/1 bytes by this gathers byte j's bit into bit 56 + j, i.e. into the
+#: word's top byte; the other partial products land below bit 56 (at distinct bits, so without carries) or past
+#: bit 63. The top byte is byte 7 of the word in memory (little-endian, as on every platform torch supports).
 _GATHER = 0x0102040810204080
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool mask -> uint8 bytes, 8 entries a byte, least significant bit first (flat row-major order). Three
-    vectorised ops per 8 entries (a multiply gathers a word's 8 bools into one byte), not a per-bit sum."""
+def _packed_view(mask: torch.Tensor) -> torch.Tensor:
+    """The packed bytes of a bool mask as a strided uint8 view: one multiply per 8 entries, no per-bit sum."""
     flat = mask.detach().reshape(-1).to(torch.bool)
     pad = (-flat.numel()) % _BITS
     if pad or flat.storage_offset() % _BITS:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
+    return (flat.view(torch.int64) * _GATHER).view(torch.uint8)[_BITS - 1::_BITS]
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask -> uint8 bytes, 8 entries a byte, least significant bit first (flat row-major order)."""
+    return _packed_view(mask).contiguous()
 
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
@@ -63,7 +72,7 @@ class PackedMasks(Mapping):
         """Set every entry that is set in the bool ``mask`` (a bitwise OR; one pass over an eighth of the bytes)."""
         if tuple(mask.shape) != self._shapes[name]:
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, expected {self._shapes[name]}")
-        self._packed[name].bitwise_or_(pack_mask(mask))
+        self._packed[name].bitwise_or_(_packed_view(mask))
 
     def count(self, name: str) -> int:
         """Number of set entries."""
