@@ -29,7 +29,11 @@ Contenders:
 Before timing, one untimed pass per contender checks that all of them compute the same new masks as the baseline
 selection (ties aside; see the "mask check" lines).
 
-Run:  .venv/bin/python benchmarks/bench_rigl_update.py [--reps 9] [--no-packages] [--no-profile]
+``--scaling`` also times baseline and sparseopt at width x2 (every channel count doubled: 4x the entries per
+layer but the fc, 97,878,016 in all), interleaved with width x1, and prints the ratio of the times: linear in the weights
+means a time ratio near 3.84x (the ratio of the entries).
+
+Run:  .venv/bin/python benchmarks/bench_rigl_update.py [--reps 9] [--no-packages] [--no-profile] [--scaling]
 Result: benchmarks/results/rigl_update.json
 """
 
@@ -42,6 +46,7 @@ import importlib.util
 import io
 import math
 import pstats
+import statistics
 import sys
 import types
 from pathlib import Path
@@ -64,12 +69,30 @@ GOAL = 0.5  # issue 13: the RigL update within half the bare torch.topk bound
 
 
 # ---- shared state ---------------------------------------------------------------------------------------------
+def resnet50_widened(factor: int) -> nn.Module:
+    """ResNet-50 with every channel count (but the image's 3 and the 1000 classes) times ``factor``: the same 53
+    sparse layers, each conv with ``factor``^2 times the entries, the fc ``factor`` times (x2: 97,878,016 in sparse
+    layers), for the scaling check. Only the shapes matter (no forward pass): the new layers keep PyTorch's init."""
+    model = resnet50()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Conv2d):
+                cin = child.in_channels if child.in_channels == 3 else child.in_channels * factor
+                setattr(module, name, nn.Conv2d(cin, child.out_channels * factor, child.kernel_size, child.stride,
+                                                child.padding, bias=False))
+            elif isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, nn.BatchNorm2d(child.num_features * factor))
+            elif isinstance(child, nn.Linear):
+                setattr(module, name, nn.Linear(child.in_features * factor, child.out_features))
+    return model
+
+
 class Reference:
     """The sparse set, initial masks, weights, gradients and momentum every contender starts from."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, width: int = 1) -> None:
         torch.manual_seed(seed)
-        self.model = resnet50()
+        self.model = resnet50() if width == 1 else resnet50_widened(width)
         # sparseopt chooses the sparse set and draws the masks; reuse exactly those everywhere.
         shadow = copy.deepcopy(self.model)
         st = so.SparseTraining(shadow, torch.optim.SGD(shadow.parameters(), lr=0.1), density=DENSITY,
@@ -301,6 +324,29 @@ def mask_check(name: str, got: dict[str, torch.Tensor], expected: dict[str, torc
             "nnz_preserved": nnz_ok}
 
 
+def scaling_check(ref: Reference, base: Baseline, so_plain: SparseoptUpdate, reps: int) -> dict:
+    """Baseline and sparseopt at width x1 and x2, interleaved in one loop: is the update linear in the weights?"""
+    wide = Reference(width=2)
+    wide_base, wide_so = Baseline(wide), SparseoptUpdate(wide)
+    numel = {w: sum(r.masks[n].numel() for n in r.names) for w, r in ((1, ref), (2, wide))}
+    wide_so.prepare()
+    wide_so.run()
+    check = mask_check("sparseopt x2", wide_so.new_masks(), wide_base.expected, wide)
+    contenders = [Contender("baseline x1", base.run), Contender("sparseopt x1", so_plain.run, so_plain.prepare),
+                  Contender("baseline x2", wide_base.run), Contender("sparseopt x2", wide_so.run, wide_so.prepare)]
+    print(f"\nscaling: width x1 {numel[1]:,} and x2 {numel[2]:,} entries in sparse layers "
+          f"({numel[2] / numel[1]:.2f}x); timing {reps} interleaved repetitions ...", flush=True)
+    times = time_interleaved(contenders, reps=reps, warmup=1)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    growth = {who: med[f"{who} x2"] / med[f"{who} x1"] for who in ("baseline", "sparseopt")}
+    for who in ("baseline", "sparseopt"):
+        print(f"  {who:<9}: x1 {med[who + ' x1']:.4f} s, x2 {med[who + ' x2']:.4f} s (medians): time ratio "
+              f"{growth[who]:.2f} for {numel[2] / numel[1]:.2f}x the weights")
+    print(f"  sparseopt / baseline at x2: {med['sparseopt x2'] / med['baseline x2']:.3f}")
+    return {"numel": numel, "times": times, "medians": med, "time_ratio_x2_over_x1": growth,
+            "numel_ratio": numel[2] / numel[1], "mask_check_x2": check}
+
+
 def profile_sparseopt(c: SparseoptUpdate) -> dict:
     c.prepare()
     prof = cProfile.Profile()
@@ -326,6 +372,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--no-packages", action="store_true", help="skip sparsimony and rigl-torch")
     ap.add_argument("--no-profile", action="store_true", help="skip the profile of sparseopt's update")
+    ap.add_argument("--scaling", action="store_true",
+                    help="also time baseline and sparseopt at width x2 (98 M weights), interleaved with width x1")
     args = ap.parse_args(argv)
     setup_torch(1)
 
@@ -394,6 +442,10 @@ def main(argv=None) -> dict:
     for name, why in failures.items():
         print(f"{name}: NOT MEASURED: {why}")
 
+    scaling = None
+    if args.scaling:
+        scaling = scaling_check(ref, base, so_plain, args.reps)
+
     profile = None
     if not args.no_profile:
         profile = profile_sparseopt(so_plain)
@@ -412,6 +464,7 @@ def main(argv=None) -> dict:
                     "active": sum(ref.nnz.values()), "drop_fraction": DROP_FRACTION,
                     "dropped_and_grown": sum(ref.n_drop.values()), "reps": args.reps},
         "rows": rows, "mask_checks": checks, "failures": failures, "verdict": verdict, "profile": profile,
+        "scaling": scaling,
     }
     path = write_json("rigl_update", payload)
     print(f"\nwrote {path}")

@@ -559,10 +559,11 @@ class SparseTraining:
         """Two buffers shaped like ``like`` for all layers of an update (fresh ones per layer would page-fault every
         layer): the grow scores, and the selection's flat work space; freed after the update."""
         buf = self._scratch_buf
-        size = max(p.param.numel() for p in self.params)
         if buf is None or buf.dtype != like.dtype or buf.device != like.device:
+            size = max(p.param.numel() for p in self.params)
             buf = self._scratch_buf = torch.empty(2 * size, dtype=like.dtype, device=like.device)
-        return buf[:like.numel()].view(like.shape), buf[size:size + like.numel()]
+        half = buf.numel() // 2
+        return buf[:like.numel()].view(like.shape), buf[half:half + like.numel()]
 
     def _agree_on_changes(self, old: dict[str, torch.Tensor]) -> dict[str, MaskChange]:
         """Rank 0's new masks win; the changes are re-derived from them so every rank applies the same ones."""

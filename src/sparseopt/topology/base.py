@@ -22,7 +22,7 @@ class Topology:
     def drop_score(self, weight: torch.Tensor, active: torch.Tensor, out_axis: int = 0) -> torch.Tensor:
         """Score of each active weight (flat indices ``active`` of ``weight``), in that order; the smallest drop.
         ``out_axis``: the weight's output-unit axis (:mod:`sparseopt.layouts`), for per-neuron criteria."""
-        return weight.reshape(-1).index_select(0, active).abs()
+        return weight.reshape(-1).index_select(0, active).abs_()
 
     def grow_values(self, weight: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor,
                     added: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
