@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 import sparseopt as so
+from sparseopt.execution.training import ExecutionPolicy
 from sparseopt.integrations.lightning import SparseTrainingCallback
 
 EPOCHS, BATCHES, ACCUMULATE = 3, 6, 2  # 3 optimizer steps per epoch
@@ -26,14 +27,14 @@ def images(n=BATCHES * 8, classes=5):
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, seed=0, momentum=0.9, scheduler=True):
+    def __init__(self, seed=0, momentum=0.9, scheduler=True, weight_decay=0.0):
         super().__init__()
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                                  nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
                                  nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
-        self.momentum, self.scheduler = momentum, scheduler
+        self.momentum, self.scheduler, self.weight_decay = momentum, scheduler, weight_decay
 
     def forward(self, x):
         return self.net(x)
@@ -43,7 +44,7 @@ class Classifier(pl.LightningModule):
         return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=LR, momentum=self.momentum)
+        opt = torch.optim.SGD(self.parameters(), lr=LR, momentum=self.momentum, weight_decay=self.weight_decay)
         if not self.scheduler:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
@@ -295,3 +296,92 @@ def test_resuming_at_an_epoch_boundary_or_with_a_resumable_dataloader_does_not_w
         fit(tmp_path / "boundary", Classifier(), ckpt_path=full_tmp / "ckpt" / "epoch=0.ckpt")
         fit(tmp_path / "resumable", Classifier(), ckpt_path=mid, loader=resumable_images())
     assert not [w for w in caught if "MID-EPOCH" in str(w.message)]
+
+
+# ---- sparse_execution=True: the sparse Linear layers of an MLP train their active values only ---------------------
+EVERY_LAYER = ExecutionPolicy(max_density=1.0, min_numel=0, min_batch=0)  # the tiny layers run sparse too
+
+
+class MLPClassifier(Classifier):
+    """Classifier's training, on three Linear layers (all sparse and run sparse), with weight decay."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed, weight_decay=5e-3)
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                                 nn.Linear(64, 5))
+
+
+def execution_options(execution):
+    return {**sparse_options(), "prune_first_layer": True, "sparse_execution": execution}
+
+
+class GradNorms(pl.Callback):
+    """The global gradient norm right before Lightning clips it (``on_before_optimizer_step``, in the closure)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+
+@pytest.fixture(scope="module")
+def execution_fits(tmp_path_factory):
+    """The same training masked-dense and with sparse execution, with gradient_clip_val."""
+    runs = {}
+    for execution in (False, EVERY_LAYER):
+        tmp, module, probe = tmp_path_factory.mktemp("pl_execution"), MLPClassifier(), GradNorms()
+        trainer, cb = fit(tmp, module, sparse=execution_options(execution), extra_callbacks=[probe],
+                          gradient_clip_val=MAX_NORM)
+        runs[execution] = tmp, module, trainer, cb, probe
+    return runs
+
+
+def assert_close_tensors(fast, dense, rel=1e-5):
+    assert fast.keys() == dense.keys()
+    for name, value in dense.items():
+        assert fast[name].shape == value.shape, name
+        assert (fast[name] - value).float().norm() <= rel * value.float().norm() + 1e-7, name
+
+
+def test_sparse_execution_in_lightning_follows_the_masked_dense_trajectory(execution_fits):
+    _, dense_module, _, dense_cb, dense_probe = execution_fits[False]
+    _, module, trainer, cb, probe = execution_fits[EVERY_LAYER]
+    assert [r.execution for r in cb.sparse.report().layers] == ["sparse"] * 3
+    held = [q for g in trainer.optimizers[0].param_groups for q in g["params"]]
+    for p in cb.sparse.params:
+        assert any(q is cb.sparse.execution.values_of(p.name) for q in held)
+        assert not any(q is p.param for q in held)
+    for name, mask in dense_cb.sparse.masks.items():
+        assert torch.equal(cb.sparse.masks[name], mask), name
+    assert any(cb.sparse.changed.values()) or cb.sparse.itop() > cb.sparse.density()
+    assert_close_tensors(module.state_dict(), dense_module.state_dict())
+    # Lightning clipped the optimizer's parameters, the values, from the first step on
+    assert probe.norms == pytest.approx(dense_probe.norms, rel=1e-5) and max(probe.norms) > MAX_NORM
+
+
+def test_sparse_execution_lightning_checkpoints_have_the_masked_dense_format(execution_fits):
+    dense_tmp = execution_fits[False][0]
+    tmp = execution_fits[EVERY_LAYER][0]
+    saved, dense_saved = (torch.load(t / "ckpt" / "epoch=0.ckpt", weights_only=False) for t in (tmp, dense_tmp))
+    MLPClassifier(seed=1).load_state_dict(saved["state_dict"])  # strict: no weight_values in it
+    assert_close_tensors(saved["state_dict"], dense_saved["state_dict"])
+    (opt,), (dense_opt,) = saved["optimizer_states"], dense_saved["optimizer_states"]
+    assert opt["state"].keys() == dense_opt["state"].keys()
+    for i, state in dense_opt["state"].items():
+        assert_close_tensors(opt["state"][i], state)
+
+
+def test_sparse_execution_resumes_from_ckpt_path_as_the_uninterrupted_run(execution_fits, tmp_path):
+    full_tmp, full_module, _, full_cb, _ = execution_fits[EVERY_LAYER]
+    module = MLPClassifier(seed=1)
+    _, cb = fit(tmp_path, module, ckpt_path=full_tmp / "ckpt" / "epoch=0.ckpt",
+                sparse=execution_options(EVERY_LAYER), gradient_clip_val=MAX_NORM)
+    assert_same_training(cb, module, full_cb, full_module)
+
+
+def test_sparse_execution_under_bf16_mixed_precision_is_an_error(tmp_path):
+    with pytest.raises(RuntimeError, match=r"net.1.weight ran under torch.autocast"):
+        fit(tmp_path, MLPClassifier(), sparse=execution_options(EVERY_LAYER), precision="bf16-mixed", max_steps=1)

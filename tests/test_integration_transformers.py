@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import (BertConfig, BertForSequenceClassification, ResNetConfig, ResNetForImageClassification,
+                          Trainer, TrainerCallback, TrainingArguments)
 
 import sparseopt as so
+from sparseopt.execution.training import ExecutionPolicy
 from sparseopt.integrations.transformers import STATE_FILE, SparseTrainingCallback
 
 STEPS, SAVE_AT, MAX_NORM = 8, 4, 0.05
@@ -40,13 +42,13 @@ def sparse_callback():
                                   preconditioner=so.SparseOpt())
 
 
-def trainer(out, callbacks, model=None, eval_dataset=None, **overrides):
+def trainer(out, callbacks, model=None, eval_dataset=None, train_dataset=None, **overrides):
     options = dict(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                    max_steps=STEPS, save_strategy="steps", save_steps=SAVE_AT, logging_steps=1, learning_rate=0.02,
                    lr_scheduler_type="linear", max_grad_norm=1.0, seed=0, report_to="none", use_cpu=True,
                    dataloader_num_workers=0, disable_tqdm=True)
     args = TrainingArguments(**{**options, **overrides})
-    return Trainer(model=model or resnet(), args=args, train_dataset=Images(), eval_dataset=eval_dataset,
+    return Trainer(model=model or resnet(), args=args, train_dataset=train_dataset or Images(), eval_dataset=eval_dataset,
                    callbacks=callbacks)
 
 
@@ -210,3 +212,120 @@ def test_example_runs(capsys):
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"), run_name="__main__")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("step 16:") and "density 0.2" in last
+
+
+# ---- sparse_execution=True: the sparse Linear layers of a tiny BERT train their active values only ----------------
+EVERY_LAYER = ExecutionPolicy(max_density=1.0, min_numel=0, min_batch=0)  # the tiny layers run sparse too
+DECAY = 0.1
+
+
+class Tokens(torch.utils.data.Dataset):
+    """48 fixed random sequences of 12 tokens: 6 optimizer steps per epoch, as Images."""
+
+    def __init__(self, n=48, classes=4):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randint(0, 50, (n, 12), generator=g), torch.randint(0, classes, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.y[i]}
+
+
+def bert(seed=0):
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16, num_labels=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def execution_trainer(out, execution, model=None):
+    """The Trainer's defaults otherwise: fused AdamW, weight decay grouped by name (not on biases, LayerNorm)."""
+    cb = SparseTrainingCallback(density=0.3, topology=so.RigL(update_every=3, drop_fraction=0.5, end_step=STEPS),
+                                preconditioner=so.SparseOpt(), sparse_execution=execution)
+    return trainer(out, [cb], model=model or bert(), train_dataset=Tokens(), weight_decay=DECAY,
+                   max_grad_norm=MAX_NORM), cb
+
+
+def assert_close_tensors(fast, dense, rel=1e-5):
+    """Same keys and shapes; values within ``rel`` of each tensor's norm (1e-6 absolute: the attention key biases,
+    whose gradient is 0 up to rounding, stay at ~1e-7)."""
+    assert fast.keys() == dense.keys()
+    for name, value in dense.items():
+        assert fast[name].shape == value.shape, name
+        assert (fast[name] - value).float().norm() <= rel * value.float().norm() + 1e-6, name
+
+
+@pytest.fixture(scope="module")
+def execution_runs(tmp_path_factory):
+    """The same training masked-dense and with sparse execution."""
+    runs = {}
+    for execution in (False, EVERY_LAYER):
+        out = tmp_path_factory.mktemp("hf_execution")
+        t, cb = execution_trainer(out, execution)
+        t.train()
+        runs[execution] = out, cb, t
+    return runs
+
+
+def test_sparse_execution_in_the_trainer_follows_the_masked_dense_trajectory(execution_runs):
+    _, dense_cb, dense = execution_runs[False]
+    _, cb, t = execution_runs[EVERY_LAYER]
+    assert t.args.optim == "adamw_torch_fused"  # whose step does not bump the values' version counter
+    layers = cb.sparse.report().layers
+    assert len(layers) >= 10 and all(r.execution == "sparse" for r in layers)
+    groups = t.optimizer.optimizer.param_groups
+    for p in cb.sparse.params:
+        values = cb.sparse.execution.values_of(p.name)
+        # the values took the dense weight's place in the group HF built by name: the one with weight decay
+        assert [g["weight_decay"] for g in groups if any(q is values for q in g["params"])] == [DECAY]
+        assert not any(q is p.param for g in groups for q in g["params"])
+    assert any(n.endswith(".weight_values") for n, _ in t.model.named_parameters())  # what HF clips
+    for name, mask in dense_cb.sparse.masks.items():
+        assert torch.equal(cb.sparse.masks[name], mask), name
+    assert sum(cb.sparse.changed.values()) > 0 or cb.sparse.itop() > cb.sparse.density()
+    assert_close_tensors(t.model.state_dict(), dense.model.state_dict())
+    # the clip saw the values' gradients from the first step on (the swap happens at the first forward)
+    norms = [[e["grad_norm"] for e in run.state.log_history if "loss" in e] for run in (dense, t)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5) and max(norms[0]) > MAX_NORM
+    # model.num_parameters() counts the values too (the Trainer's total_flos estimate with it)
+    nnz = sum(int(m.sum()) for m in cb.sparse.masks.values())
+    assert t.model.num_parameters() == dense.model.num_parameters() + nnz
+
+
+def test_sparse_execution_checkpoints_have_the_masked_dense_format(execution_runs):
+    dense_out, _, _ = execution_runs[False]
+    out, _, _ = execution_runs[EVERY_LAYER]
+    folder = out / f"checkpoint-{SAVE_AT}"
+    model, info = BertForSequenceClassification.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys: no weight_values saved
+    reference = BertForSequenceClassification.from_pretrained(dense_out / f"checkpoint-{SAVE_AT}")
+    assert_close_tensors(model.state_dict(), reference.state_dict())
+    opt, dense_opt = (torch.load(o / f"checkpoint-{SAVE_AT}" / "optimizer.pt", weights_only=True)
+                      for o in (out, dense_out))
+    assert opt["param_groups"] == dense_opt["param_groups"]
+    for i, state in dense_opt["state"].items():
+        assert_close_tensors(opt["state"][i], state)
+
+
+def test_sparse_execution_resumes_from_checkpoint_as_the_uninterrupted_run(execution_runs, tmp_path):
+    full_out, full_cb, full = execution_runs[EVERY_LAYER]
+    out = tmp_path / "resumed"
+    shutil.copytree(full_out / f"checkpoint-{SAVE_AT}", out / f"checkpoint-{SAVE_AT}")
+    t, cb = execution_trainer(out, EVERY_LAYER, model=bert(seed=1))
+    t.train(resume_from_checkpoint=True)
+    assert cb.sparse.step_count == STEPS
+    for name, mask in full_cb.sparse.masks.items():
+        assert torch.equal(cb.sparse.masks[name], mask), name
+        assert torch.equal(cb.sparse.fired[name], full_cb.sparse.fired[name]), name
+    resumed = dict(t.model.named_parameters())
+    for name, p in full.model.named_parameters():
+        assert torch.equal(resumed[name], p), name
+
+
+def test_sparse_execution_under_bf16_autocast_is_an_error(tmp_path):
+    t = trainer(tmp_path, [SparseTrainingCallback(density=0.3, sparse_execution=EVERY_LAYER)], model=bert(),
+                train_dataset=Tokens(), bf16=True, max_steps=1, save_strategy="no")
+    with pytest.raises(RuntimeError, match=r"attention.self.query.weight ran under torch.autocast"):
+        t.train()

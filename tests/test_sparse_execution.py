@@ -257,6 +257,13 @@ def test_layers_below_break_even_stay_dense_with_a_warning_and_remove_restores_f
     assert "forward" not in vars(model[3])
 
 
+def test_autocast_is_refused_naming_the_layer():
+    """Under autocast the masked-dense path computes in bfloat16; the sparse kernels would silently stay float32."""
+    _, (model, opt, sparse) = twins()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match=r"0.weight ran under"):
+        model(torch.randn(16, 32))
+
+
 def test_small_batches_run_the_masked_dense_product():
     model = nn.Sequential(nn.Linear(64, 64, bias=False))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -223,6 +223,11 @@ def _sparse_forward(execution: SparseExecution, layer: CompactLinear):
                 return F.linear(x, module.weight, module.bias)
         else:
             execution.engage()
+        if torch.is_autocast_enabled(x.device.type):
+            raise RuntimeError(f"sparse_execution: {layer.name} ran under torch.autocast (e.g. the HF Trainer's "
+                               "bf16=True, Lightning's precision='bf16-mixed'), but its kernels compute in the "
+                               "weight's float32, not in the autocast dtype as the masked-dense path would; train it "
+                               "without autocast, or with sparse_execution=False")
         sparse = x.numel() >= execution.policy.min_batch * module.in_features
         return _SparseLinearFunction.apply(x, layer.values, module.bias, layer,
                                            torch.is_grad_enabled() and execution.dense_grad_needed(), sparse)

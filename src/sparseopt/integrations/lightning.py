@@ -58,6 +58,9 @@ class SparseTrainingCallback(pl.Callback):
 
     ``optimizer_index`` picks the optimizer when ``configure_optimizers`` returns several (one callback each, with
     ``include``/``exclude`` splitting the weights). ``self.sparse`` is the attached ``SparseTraining``.
+    ``sparse_execution=True`` included: each sparse-run Linear's values take its dense weight's place in the
+    optimizer (same param group) before the first step, so ``gradient_clip_val`` clips them; checkpoints keep the
+    masked-dense format. ``precision='bf16-mixed'`` (autocast) is refused for those layers.
     """
 
     def __init__(self, density: Any = 0.1, *, optimizer_index: int | None = None, **options: Any) -> None:

@@ -41,7 +41,11 @@ def checkpoint_dir(args: TrainingArguments, state: TrainerState) -> str:
 class SparseTrainingCallback(TrainerCallback):
     """Sparsify the Trainer's model and keep it sparse; the options are :class:`~sparseopt.SparseTraining`'s.
 
-    ``self.sparse`` is the attached ``SparseTraining`` once training has begun (for ``report()``, masks, ...).
+    ``sparse_execution=True`` included: each sparse-run Linear's values take its dense weight's place in the param
+    group the Trainer built by name (so its weight decay), at the first forward, before the first ``max_grad_norm``
+    clip (which sees them: they are parameters of the model); checkpoints keep the masked-dense format.
+    ``bf16=True`` (autocast) is refused for those layers. ``self.sparse`` is the attached ``SparseTraining`` once
+    training has begun (for ``report()``, masks, ...).
     """
 
     def __init__(self, density: Any = 0.1, **options: Any) -> None:
