@@ -327,5 +327,10 @@ def test_sparse_execution_resumes_from_checkpoint_as_the_uninterrupted_run(execu
 def test_sparse_execution_under_bf16_autocast_is_an_error(tmp_path):
     t = trainer(tmp_path, [SparseTrainingCallback(density=0.3, sparse_execution=EVERY_LAYER)], model=bert(),
                 train_dataset=Tokens(), bf16=True, max_steps=1, save_strategy="no")
-    with pytest.raises(RuntimeError, match=r"attention.self.query.weight ran under torch.autocast"):
-        t.train()
+    try:
+        with pytest.raises(RuntimeError, match=r"attention.self.query.weight ran under torch.autocast"):
+            t.train()
+    finally:  # accelerate keeps bf16 in its process-wide state: later Accelerators would inherit it
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
