@@ -80,11 +80,14 @@ class SparseTraining:
         renormalize: ``None`` (default), ``"clip"`` or ``"exact"``: after the SparseOpt multiply, rescale all the
             optimizer's gradients by ``min(1, τ/‖g̃‖)`` or ``τ/‖g̃‖``, τ being the global norm of the masked but
             uncorrected gradients (SPEC 1.6, an ablation isolating SparseOpt's change of direction).
-        sparse_execution: ``True`` (or an :class:`~sparseopt.execution.training.ExecutionPolicy`) runs sparse
-            ``nn.Linear`` layers with CSR kernels: forward, input gradient and an active-entries-only weight gradient;
-            the dense weight gradient only on steps where the topology reads it. Layers below the measured
-            break-even stay masked-dense (a warning names them; ``report()`` says which run sparse). The weights
-            stay dense parameters, so results equal the masked-dense path up to float rounding.
+        sparse_execution: ``True`` (or an :class:`~sparseopt.execution.training.ExecutionPolicy`) trains sparse
+            ``nn.Linear`` layers as truly sparse: the optimizer holds each one's active values (``weight_values``,
+            shape ``(nnz,)``) in place of its weight, and the forward, the input gradient and the active entries'
+            weight gradient are CSR products; the dense weight gradient only on steps where the topology reads it.
+            The dense weight is mirrored after every step and checkpoints keep the masked-dense format. Layers
+            below the measured break-even, not exactly ``nn.Linear``, on a GPU or tied stay masked-dense (a
+            warning names them; ``report()`` says which run sparse); DDP and autocast are refused. Results equal
+            the masked-dense path up to float rounding for element-wise optimizers.
         constant_fan_in: every output unit of a layer gets the same fan-in k = round(nnz / rows) (so the layer's
             count becomes rows · k, the nearest multiple), and SET/RigL drop and regrow within each unit, so k_i
             never changes: BatchNorm sees no fan-in skew and SparseOpt's fan-in factor is exactly 1, the
