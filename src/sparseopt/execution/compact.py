@@ -90,11 +90,7 @@ class CompactLinear:
         weight's state (converted to values by :meth:`compact_state` before the next step)."""
         if self.optimizer is optimizer:
             return
-        for group in optimizer.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p is self.weight:
-                    group["params"][i] = self.values
-        state = optimizer.state.pop(self.weight, None)
+        state = _replace_param(optimizer, self.weight, self.values)
         if state is not None:
             optimizer.state[self.values] = state
         self.optimizer = optimizer
@@ -105,11 +101,7 @@ class CompactLinear:
         if optimizer is None:
             return
         self.sync()
-        for group in optimizer.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p is self.values:
-                    group["params"][i] = self.weight
-        state = optimizer.state.pop(self.values, None)
+        state = _replace_param(optimizer, self.values, self.weight)
         if state is not None:
             optimizer.state[self.weight] = {k: self.densify(v) for k, v in state.items()}
 
@@ -156,6 +148,13 @@ class CompactLinear:
             h.remove()
         del self.module._parameters[VALUES]
         self.weight.requires_grad_(self.values.requires_grad)
+
+
+def _replace_param(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor) -> dict | None:
+    """Put ``new`` wherever the optimizer's groups hold ``old``; returns ``old``'s state, taken out."""
+    for group in optimizer.param_groups:
+        group["params"][:] = [new if p is old else p for p in group["params"]]  # in place: wrappers share it
+    return optimizer.state.pop(old, None)
 
 
 def _follow(values: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
