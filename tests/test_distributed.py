@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sparseopt as so
+from sparseopt.grad_hooks import scaled_grad
 from helpers import mlp
 
 
@@ -48,10 +49,18 @@ def train(rank, topology, out):
             for d in dense:
                 dist.all_reduce(d)
                 global_grads.append(d / dist.get_world_size())
+        if step == 1:  # an ordinary step: the all-reduced .grad must be the masked, preconditioned average
+            raw = torch.autograd.grad(nn.functional.cross_entropy(net(x), y), [p.param for p in sparse.params])
+            for r in raw:
+                dist.all_reduce(r)
         opt.zero_grad()
         loss.backward()
+        if step == 1:
+            applied_errors = [(p.param.grad - scaled_grad(r / dist.get_world_size(), sparse.masks[p.name],
+                                                          sparse._row_scale.get(p.name))).abs().max().item()
+                              for p, r in zip(sparse.params, raw)]
         opt.step()
-    torch.save({"masks": sparse.masks, "fired": dict(sparse.fired), "state_names": sorted(sparse.state_dict()["masks"]),
+    torch.save({"applied_errors": applied_errors, "masks": sparse.masks, "fired": dict(sparse.fired), "state_names": sorted(sparse.state_dict()["masks"]),
                 "grown_from": grown_from[:len(global_grads)], "global_grads": global_grads,
                 "weights": {k: v.detach().clone() for k, v in model.module.named_parameters()}},
                os.path.join(out, f"{topology}{rank}.pt"))
@@ -68,6 +77,7 @@ def test_masks_and_weights_identical_across_ddp_ranks(tmp_path):
             assert torch.equal(a["weights"][name], b["weights"][name]), name
         assert any(not torch.equal(a["fired"][n], a["masks"][n]) for n in a["masks"])  # masks did move
         assert a["state_names"] == ["3.weight", "6.weight"]  # saved without DDP's "module." prefix
+        assert max(a["applied_errors"] + b["applied_errors"]) < 1e-6
     for r in range(2):
         rigl = torch.load(tmp_path / f"rigl{r}.pt", weights_only=True)
         assert len(rigl["grown_from"]) == len(rigl["global_grads"]) == 2

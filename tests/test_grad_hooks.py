@@ -53,3 +53,92 @@ def test_a_dtype_without_an_integer_twin_is_masked_by_where():
     t = torch.randn(3, 4, dtype=torch.complex64)
     mask = torch.rand(3, 4) < 0.5
     assert torch.equal(scaled_grad(t, mask), torch.where(mask, t, torch.zeros((), dtype=t.dtype)))
+
+
+# ---- the hooks in a training step: in place into an empty .grad, a transformed copy otherwise -----------------------
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+
+import sparseopt as so  # noqa: E402
+from helpers import batch, mlp  # noqa: E402
+
+
+def sparse_mlp(seed=0):
+    model = mlp(widths=(12, 16, 16, 10), seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparse = so.SparseTraining(model, opt, 0.3, topology=so.Static(), preconditioner=so.SparseOpt())
+    return model, opt, sparse
+
+
+def expected_grad(sparse, p, raw):
+    """where(mask, raw, 0) * c_row, the gradient the step must apply."""
+    return scaled_grad(raw, sparse.masks[p.name], sparse._row_scale.get(p.name))
+
+
+def raw_grads(model, sparse, step):
+    x, y = batch(model, step)
+    return torch.autograd.grad(nn.functional.cross_entropy(model(x), y), [p.param for p in sparse.params])
+
+
+def test_an_empty_grad_keeps_autograds_tensor_masked_in_place():
+    model, opt, sparse = sparse_mlp()
+    assert sparse._row_scale, "the test needs SparseOpt row factors"
+    arrived = {}
+    for p in sparse.params:  # a leaf hook sees the gradient AccumulateGrad receives; hold no reference to it
+        p.param.register_hook(lambda g, name=p.name: arrived.__setitem__(name, g.data_ptr()) or None)
+    raw = raw_grads(model, sparse, 0)
+    x, y = batch(model, 0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    for p, r in zip(sparse.params, raw):
+        assert p.param.grad.data_ptr() == arrived[p.name], f"{p.name}: a second gradient tensor was allocated"
+        assert same_bits(p.param.grad, expected_grad(sparse, p, r))
+
+
+def test_accumulating_into_an_existing_grad_scales_each_backward_once():
+    model, opt, sparse = sparse_mlp()
+    raw = [raw_grads(model, sparse, s) for s in (0, 1, 2)]
+    for s in (0, 1, 2):
+        x, y = batch(model, s)
+        nn.functional.cross_entropy(model(x), y).backward()
+    for i, p in enumerate(sparse.params):
+        want = sum(expected_grad(sparse, p, r[i]) for r in raw)
+        torch.testing.assert_close(p.param.grad, want, rtol=1e-6, atol=1e-7)
+        assert torch.all(p.param.grad[~sparse.masks[p.name]] == 0)
+
+
+def test_zero_grad_without_set_to_none_is_masked_too():
+    model, opt, sparse = sparse_mlp()
+    x, y = batch(model, 0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    raw = raw_grads(model, sparse, 1)
+    x, y = batch(model, 1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    for p, r in zip(sparse.params, raw):
+        assert same_bits(p.param.grad, expected_grad(sparse, p, r))
+
+
+@pytest.mark.parametrize("registered", ["before", "after"])
+def test_another_post_accumulate_hook_sees_the_masked_gradient(registered):
+    """DDP's Python reducer and FSDP2 read .grad in post-accumulate hooks: registered before SparseTraining they run
+    before any hook of ours, so those weights must arrive masked already."""
+    model = mlp(widths=(12, 16, 16, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = {}
+
+    def watch():
+        for name, w in model.named_parameters():
+            if w.dim() == 2:
+                w.register_post_accumulate_grad_hook(lambda t, name=name: seen.__setitem__(name, t.grad.clone()))
+    if registered == "before":
+        watch()
+    sparse = so.SparseTraining(model, opt, 0.3, topology=so.Static(), preconditioner=so.SparseOpt())
+    if registered == "after":
+        watch()
+    raw = raw_grads(model, sparse, 0)
+    x, y = batch(model, 0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    for p, r in zip(sparse.params, raw):
+        assert same_bits(seen[p.name], expected_grad(sparse, p, r)), p.name
+        assert same_bits(p.param.grad, expected_grad(sparse, p, r))
