@@ -49,6 +49,8 @@ class GradientMasking:
     def attach(self) -> None:
         """Hook every weight that requires grad and has no hook yet (a frozen weight gets one once unfrozen; until
         then, and for the step in which it is unfrozen, step() masks its gradient instead)."""
+        if len(self._nodes) == len(self._params):
+            return
         for p in self._params:
             if p.name in self._nodes or not p.param.requires_grad:
                 continue

@@ -11,7 +11,8 @@ scheduler.step()``, a closure-style ``optimizer.step(closure)``, or a framework'
                          their optimizer state, update ITOP, recompute factors; by default skip this step
                       2. [optional renormalize: rescale all grads to the norm τ of the masked, uncorrected ones]
     the user's optimizer step (SGD, Adam, AdamW, LBFGS, ... unchanged)
-    after the step    3. weight <- weight * mask; step counter + 1
+    after the step    3. weight <- weight * mask (skipped for optimizers that keep zeros, see ZERO_PRESERVING);
+                         step counter + 1
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ from sparseopt.topology.base import Static, Topology
 from sparseopt.wrappers import canonical_name, match_names, unwrap_optimizer
 
 STATE_VERSION = 1
+
+#: Optimizers (exact classes: a subclass may change the update) whose step leaves an entry at 0 when its weight,
+#: gradient and per-entry state are 0: weight decay is proportional to the weight and every state a running function
+#: of the gradient. Inactive entries hold exactly that (masked gradients, state zeroed at every mask change), so
+#: for them the weights need no re-masking after each step, a full pass over every sparse weight that costs
+#: 1-2 % of a small model's step (benchmarks/README). Weights written outside the step (their version counter
+#: moved), or optimizer state loaded, are re-masked at the next step; every ZERO_CHECK_EVERY steps the inactive
+#: weights are checked, and if any moved a warning names them and re-masking after every step resumes.
+ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+                   torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad)
+ZERO_CHECK_EVERY = 10
 
 #: id(weight) -> the SparseTraining that masks it; two at once would mask and precondition its gradient twice
 _OWNERS: dict[int, weakref.ref] = {}
@@ -187,6 +199,8 @@ class SparseTraining:
         self._backup.seal(self.params, optimizer)
         self._own_versions = self._weight_versions()
         self._unverified_load: dict[str, int] = {}
+        self._remask_each_step = type(optimizer) not in ZERO_PRESERVING
+        self._state_loaded = False  # optimizer state was loaded: mask it (and the weights) at the next step
         self._closure_calls: list[int] | None = None
         self._gradients = GradientMasking(self.params, self.masks, self._row_scale)
         self._gradients.collect_dense = self._dense_grad_needed()
@@ -197,7 +211,8 @@ class SparseTraining:
             self.execution = SparseExecution(model, self.params, self.masks, policy, optimizer, self._dense_grad_needed,
                                              self._row_scale, self._collect_dense)
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
-                       optimizer.register_step_post_hook(self._after_step)]
+                       optimizer.register_step_post_hook(self._after_step),
+                       optimizer.register_load_state_dict_post_hook(self._after_optimizer_load)]
 
     # ---- construction helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -368,11 +383,14 @@ class SparseTraining:
         the gradient work runs right after it (every call: LBFGS evaluates it several times per step)."""
         restore_weight_decay(self._folded_decay)  # a step that raised last time left it switched off
         self._folded_decay = []
-        self._check_loaded_weights()
+        if self._unverified_load:
+            self._check_loaded_weights()
         self._backup = None  # training starts: from now on construction's changes are final
         if self.execution is not None:
             self.execution.engage()
             self.execution.before_step()
+        if not self._remask_each_step:
+            self._remask_written()
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer itself
         if closure is None:
             self._prepare_gradients(optimizer, first=True)
@@ -480,17 +498,53 @@ class SparseTraining:
         self._folded_decay = []
         if self.execution is not None:
             self.execution.after_step()
-        self._remask_weights()
+        if self._remask_each_step:
+            self._remask_weights()
+        elif self.step_count % ZERO_CHECK_EVERY == 0:
+            self._check_zeros_kept(optimizer)
         self.step_count += 1
         self._own_versions = self._weight_versions()
         self._gradients.collect_dense = self._dense_grad_needed()
         self._gradients.attach()
 
+    def _masked_dense(self) -> list[SparseParam]:
+        """The weights kept sparse by masking (a sparse-run layer's weight is zero off its mask by construction)."""
+        if self.execution is None:
+            return self.params
+        return [p for p in self.params if not self.execution.runs_sparse(p.name)]
+
     def _remask_weights(self) -> None:
         """Zero the inactive weights again after the optimizer step (an optimizer may move them: decay, noise)."""
-        for p in self.params:
-            if self.execution is None or not self.execution.runs_sparse(p.name):  # sparse-run: zero by construction
-                scale_grad_(p.param, self.masks[p.name])  # where(), computed on the bits: no float copy of the mask
+        for p in self._masked_dense():
+            scale_grad_(p.param, self.masks[p.name])  # where(), computed on the bits: no float copy of the mask
+
+    def _remask_written(self) -> None:
+        """Where the weights are not re-masked after each step: re-mask those written since the last step (a
+        load, a user's edit) and, after an optimizer state load, that state too."""
+        versions = self._own_versions
+        written = [p for p in self._masked_dense() if self._state_loaded or p.param._version != versions[p.name]]
+        if not written:
+            return
+        with torch.no_grad():
+            for p in written:
+                if self._state_loaded:
+                    for value in shaped_state(self.optimizer, p).values():
+                        scale_grad_(value, self.masks[p.name])
+                scale_grad_(p.param, self.masks[p.name])
+        self._state_loaded = False
+
+    def _after_optimizer_load(self, optimizer) -> None:
+        self._state_loaded = True  # masked at the next step, once SparseTraining's own state may be loaded too
+
+    def _check_zeros_kept(self, optimizer) -> None:
+        """The safety net of ZERO_PRESERVING: did this optimizer's step move an inactive weight after all?"""
+        moved = [p.name for p in self._masked_dense() if bool(p.param.masked_select(~self.masks[p.name]).any())]
+        if moved:
+            warnings.warn(f"{type(optimizer).__name__}.step() moved inactive (masked) weights of {moved} at step "
+                          f"{self.step_count}, which its update rule should leave at 0; SparseTraining re-masks the "
+                          "weights after every step from now on", RuntimeWarning, stacklevel=3)
+            self._remask_each_step = True
+            self._remask_weights()
 
     def _grow_gradients(self, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The original dense gradients (averaged over ranks), or the SparseOpt-corrected ones if configured."""
