@@ -3,7 +3,9 @@
 Per step: the BatchNorm MLP 784-300-100-10 (the demo's; batch 128) and ResNet-20 (batch 128 x 3x32x32), SGD(lr 0.1,
 momentum 0.9, weight decay 5e-4), density 0.1 ERK; contenders ``dense`` (no SparseTraining), ``static``,
 ``rigl`` (RigL(update_every=100), non-update steps: the step counter is reset to 1 before each timed call) and
-``rigl+so`` (+ SparseOpt). Goal (issue 13): <= 1.03x dense for every contender. Two measurements:
+``rigl+so`` (+ SparseOpt), and ``dense-again``, a second copy of the dense model (an A/A control: its ratio to
+``dense`` is the noise floor of the whole-step ratios). Goal (issue 13): <= 1.03x dense for every contender. Three
+measurements:
 
 * whole steps: one timed call is ``--steps`` consecutive training steps (zero_grad, forward, cross-entropy,
   backward, step) of one contender, interleaved, 1 thread; medians and paired ratios against dense
@@ -14,10 +16,14 @@ momentum 0.9, weight decay 5e-4), density 0.1 ERK; contenders ``dense`` (no Spar
 * the library alone: the work SparseTraining adds to a step, timed by itself on the step's real gradients (taken
   with ``torch.autograd.grad``, which the hooks do not see): every sparse weight's gradient hook, as autograd would
   call it (``.grad`` set to its result, as AccumulateGrad does), then the optimizer pre- and post-step hooks. It is
-  shown as a share of the dense step (medians, and minima: the least disturbed runs of each): ``1 + share`` is what
-  the whole-step ratio measures, less its noise. Not in it: autograd's cost of calling a Python hook (a few us per
-  sparse weight). The goal counts as met when ``1 + share <= 1.03`` by both; the whole step's verdict is given
-  only where the interval of its paired ratio lies on one side of 1.03.
+  shown as a share of the dense step (medians, and minima: the least disturbed runs of each). Timed in a tight
+  loop, this work runs with warm caches and understates its cost inside a step.
+* the library in situ: the same hooks timed inside ``--steps``-long runs of real training steps (each hook
+  wrapped with a timer), summed per step, as a share of that same step: what the library costs where it runs,
+  after the forward and backward passes have evicted its code and data from the caches (measured 4-5x its tight-loop
+  time on the BN MLP). Not in it: autograd's own cost of calling a Python hook. The goal counts as met when the
+  median in-situ share is <= 3 %; the whole step's verdict is given only where the interval of its paired ratio
+  lies on one side of 1.03 (and means little where the A/A control's interval is wider than the goal).
 
 Memory: ``sparseopt.memory.state_bytes`` of SparseTraining on ResNet-50 (density 0.1 ERK) for static, rigl,
 rigl+so, after one mask update (so the grow-score scratch buffer exists), over the parameter bytes. Goal <= 0.5.
@@ -30,6 +36,7 @@ Result: benchmarks/results/core_overhead.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import random
 import statistics
@@ -45,16 +52,17 @@ from common import (Contender, TimedStep, format_table, setup_torch, summarize, 
                     time_interleaved, write_json)
 
 import sparseopt as so  # noqa: E402
+from sparseopt.grad_hooks import GradientMasking  # noqa: E402
 from sparseopt.memory import parameter_bytes, state_bytes  # noqa: E402
 from sparseopt.models import resnet20, resnet50  # noqa: E402
 from sparseopt.models.mlp import MLP  # noqa: E402
 
-MODES = ("dense", "static", "rigl", "rigl+so")
+MODES = ("dense", "static", "rigl", "rigl+so", "dense-again")
 GOAL = 1.03
 
 
 def sparse_training(model, opt, mode):
-    if mode == "dense":
+    if mode.startswith("dense"):
         return None
     topology = so.Static() if mode == "static" else so.RigL(update_every=100, end_step=10**6)
     return so.SparseTraining(model, opt, density=0.1, distribution="erk", topology=topology,
@@ -103,6 +111,65 @@ def library_work(t: Trainer, calls: int = 1):
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
+class InSitu:
+    """Times SparseTraining's hooks where they run: the gradient hooks and the optimizer pre-/post-step hooks of
+    every SparseTraining built inside ``building()`` are wrapped with ``clock``, their time summed in ``total``."""
+
+    def __init__(self, clock):
+        self.clock, self.total = clock, 0.0
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            start = self.clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total += self.clock() - start
+        return timed
+
+    @contextlib.contextmanager
+    def building(self):
+        probe, patched = self, []
+        for cls, name, factory in ((GradientMasking, "_hook", True), (GradientMasking, "_after_accumulate", True),
+                                   (so.SparseTraining, "_before_step", False),
+                                   (so.SparseTraining, "_after_step", False)):
+            original = getattr(cls, name)
+            wrapper = ((lambda *a, original=original: probe._timed(original(*a))) if factory
+                       else probe._timed(original))
+            setattr(cls, name, wrapper)
+            patched.append((cls, name, original))
+        try:
+            yield
+        finally:
+            for cls, name, original in patched:
+                setattr(cls, name, original)
+
+
+def in_situ_rows(base, x, y, reps: int, steps: int, clock) -> dict:
+    """Per contender: median over ``reps`` runs of ``steps`` real steps of (library time / step time)."""
+    probe = InSitu(clock)
+    with probe.building():
+        trainers = {m: Trainer(copy.deepcopy(base), m, x, y, steps) for m in MODES}
+    for t in trainers.values():  # warm-up
+        t.prepare()
+        t.run()
+    shares = {m: [] for m, t in trainers.items() if t.st is not None}
+    lib = {m: [] for m in shares}
+    for r in range(reps):
+        for m in shares:
+            t = trainers[m]
+            t.prepare()
+            probe.total = 0.0
+            start = clock()
+            t.run()
+            elapsed = clock() - start
+            shares[m].append(probe.total / elapsed)
+            lib[m].append(probe.total / steps)
+    return {m: {"share_median": statistics.median(v), "share_q1": statistics.quantiles(v, n=4)[0],
+                "share_q3": statistics.quantiles(v, n=4)[2], "library_s_median": statistics.median(lib[m])}
+            for m, v in shares.items()}
+
+
 def bootstrap_ci(values: list[float], resamples: int = 2000) -> tuple[float, float]:
     """95 % interval of the median of ``values`` (percentile bootstrap, fixed seed): how precisely a run pins the
     paired ratio down, so a whole-step verdict is given only when the interval is on one side of the goal."""
@@ -124,6 +191,7 @@ def step_rows(name, base, x, y, reps, steps, clock):
           f"clock {clock.__name__})")
     print(format_table(rows, "dense", unit="ms", scale=1e3))
 
+    situ = in_situ_rows(base, x, y, max(11, reps // 2), steps, clock)
     one = library_work(trainers["rigl+so"])
     start = time.perf_counter()
     one()
@@ -140,12 +208,26 @@ def step_rows(name, base, x, y, reps, steps, clock):
         share, share_min = w["median_s"] / dense, w["min_s"] / dense_min
         r.update(library_s=w["median_s"], library_min_s=w["min_s"], library_share_of_dense=share,
                  library_min_share_of_dense_min=share_min)
+        print(f"  {r['name']:8s} median {w['median_s'] * 1e6:7.1f} us = {100 * share:5.2f} %, min "
+              f"{w['min_s'] * 1e6:7.1f} us = {100 * share_min:5.2f} % of dense's min")
+    control = next(r for r in rows if r["name"] == "dense-again")
+    print(f"the library in situ (its hooks timed inside real steps), {max(11, reps // 2)} reps x {steps} steps, share "
+          f"of the same steps; whole-step paired ratios against dense (A/A control dense-again: "
+          f"{control['median_paired_ratio']:.3f}, 95 % interval {control['paired_ci95'][0]:.3f}-"
+          f"{control['paired_ci95'][1]:.3f}):")
+    for r in rows[1:]:
+        if r["name"] not in situ:
+            continue
+        s = situ[r["name"]]
+        r.update(in_situ=s)
         lo, hi = r["paired_ci95"]
         whole = ("too few reps" if len(r["times_s"]) < 10 else "met" if hi <= GOAL else "missed" if lo > GOAL
                  else "not resolved")
-        verdict[r["name"]] = {"library_alone": 1 + max(share, share_min) <= GOAL, "whole_step": whole}
-        print(f"  {r['name']:8s} median {w['median_s'] * 1e6:7.1f} us = {100 * share:5.2f} %, min "
-              f"{w['min_s'] * 1e6:7.1f} us = {100 * share_min:5.2f} % of dense's min; whole-step paired ratio "
+        verdict[r["name"]] = {"library_alone": 1 + max(r["library_share_of_dense"],
+                                                       r["library_min_share_of_dense_min"]) <= GOAL,
+                              "in_situ": 1 + s["share_median"] <= GOAL, "whole_step": whole}
+        print(f"  {r['name']:8s} in situ {s['library_s_median'] * 1e6:7.1f} us per step = {100 * s['share_median']:5.2f} % "
+              f"(IQR {100 * s['share_q1']:.2f}-{100 * s['share_q3']:.2f} %); whole-step paired ratio "
               f"{r['median_paired_ratio']:.3f}, 95 % interval {lo:.3f}-{hi:.3f} (goal {GOAL}: {whole})")
     return {"rows": rows, "verdict": verdict}
 
@@ -155,7 +237,7 @@ def memory_rows():
     base = resnet50()
     params = parameter_bytes(base)
     out = {}
-    for mode in MODES[1:]:
+    for mode in ("static", "rigl", "rigl+so"):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         st = sparse_training(model, opt, mode)

@@ -12,8 +12,8 @@ grows from.
 
 Where ``.grad`` is empty when the gradient arrives (the usual ``zero_grad()``), the masking runs in place on the
 new ``.grad``, in the weight's post-accumulate hook: AccumulateGrad then keeps autograd's own tensor, and a step
-allocates no second gradient per weight (a fresh tensor per weight and step cost 7-10 % of the BatchNorm MLP's step
-on CPU, benchmarks/README). The hook runs inside AccumulateGrad, before DDP's reducer reads the gradient. Adding to
+allocates and writes no second gradient per weight. The hook runs inside AccumulateGrad, before DDP's reducer
+reads the gradient (tests/test_distributed.py checks the all-reduced gradient). Adding to
 an existing ``.grad`` (accumulation), a gradient that builds a graph, and a weight that already had post-accumulate
 hooks (DDP's Python reducer, FSDP2: they run first and must see the masked gradient) keep the pre-hook's
 transformed copy.

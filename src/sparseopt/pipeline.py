@@ -381,8 +381,9 @@ class SparseTraining:
     def _before_step(self, optimizer, args, kwargs):
         """Runs first in ``optimizer.step()``. A closure computes the gradient later, inside the step: wrap it so
         the gradient work runs right after it (every call: LBFGS evaluates it several times per step)."""
-        restore_weight_decay(self._folded_decay)  # a step that raised last time left it switched off
-        self._folded_decay = []
+        if self._folded_decay:  # a step that raised last time left it switched off
+            restore_weight_decay(self._folded_decay)
+            self._folded_decay = []
         if self._unverified_load:
             self._check_loaded_weights()
         self._backup = None  # training starts: from now on construction's changes are final
@@ -407,18 +408,25 @@ class SparseTraining:
             return args, {**kwargs, "closure": closure_then_prepare}
         return (args[0], closure_then_prepare, *args[2:]), kwargs
 
-    @torch.no_grad()
     def _prepare_gradients(self, optimizer, first: bool) -> None:
         """The gradient of this step exists: a ``.grad`` set by hand (not by backward) is masked here as the
-        hooks would have; then the mask update (once per step) and renormalisation."""
+        hooks would have; then the mask update (once per step) and renormalisation. An ordinary step of a plain
+        setup has none of it to do and returns before entering no_grad (this runs every step)."""
         collect = self._gradients.collect_dense
         dense, arrived = self._gradients.consume()
-        for p in self.params:
-            g = p.param.grad
-            if g is not None and p.name not in arrived:
-                if collect:
-                    dense[p.name] = g.clone()
-                scale_grad_(g, self.masks[p.name], self._row_scale.get(p.name))
+        by_hand = [p for p in self.params if p.param.grad is not None and p.name not in arrived]
+        if not (by_hand or (first and (self._bn_scales is not None or self.topology.is_update_step(self.step_count)))
+                or self._scales_stale or self._fold_decay or self.renormalize is not None):
+            return
+        with torch.no_grad():
+            self._transform_gradients(optimizer, first, collect, dense, by_hand)
+
+    def _transform_gradients(self, optimizer, first: bool, collect: bool, dense: dict[str, torch.Tensor],
+                             by_hand: list[SparseParam]) -> None:
+        for p in by_hand:
+            if collect:
+                dense[p.name] = p.param.grad.clone()
+            scale_grad_(p.param.grad, self.masks[p.name], self._row_scale.get(p.name))
         # BatchNorm-measured factors follow the forward of this step (inside the closure, if there is one)
         if first and self._bn_scales is not None and self._bn_scales.update(self._distributed()):
             self._scales_stale = True
@@ -494,8 +502,9 @@ class SparseTraining:
                           f"{self.step_count}: the gradient was neither masked nor preconditioned by SparseTraining",
                           stacklevel=2)
         self._closure_calls = None
-        restore_weight_decay(self._folded_decay)
-        self._folded_decay = []
+        if self._folded_decay:
+            restore_weight_decay(self._folded_decay)
+            self._folded_decay = []
         if self.execution is not None:
             self.execution.after_step()
         if self._remask_each_step:
