@@ -17,6 +17,8 @@ Contenders:
   sparseopt      ``SparseTraining(...)._update_masks()`` (topology RigL, no preconditioner), under no_grad as in
                  the optimizer pre-step hook: scores, drop/grow, weight and momentum zeroing, ITOP bookkeeping,
                  the cached per-step grad scales.
+  sparseopt-topk     the same update with its selections forced to plain ``torch.topk``.
+  sparseopt-torchops the same update with the native selection kernels off (its torch-op path).
   sparseopt+SO   the same with ``preconditioner=SparseOpt()`` (also recomputes the SparseOpt factors).
   sparsimony     ``sparsimony.dst.rigl.RigL.step()`` with a ConstantScheduler(0.3, delta_t=1) (every step is an
                  update) and a distribution that gives each layer sparseopt's nnz.
@@ -59,6 +61,7 @@ from common import Contender, format_table, setup_torch, summarize, time_interle
 
 import sparseopt as so  # noqa: E402
 from sparseopt import selection  # noqa: E402
+from sparseopt.native import selection as native_selection  # noqa: E402
 from sparseopt.models import resnet50  # noqa: E402
 from sparseopt.models.resnet_cifar import BasicBlock  # noqa: E402
 from sparseopt.models.resnet_imagenet import Bottleneck  # noqa: E402
@@ -194,15 +197,30 @@ class SparseoptUpdate:
 
 
 class TopkSelectionUpdate(SparseoptUpdate):
-    """sparseopt's update with its selections forced to plain ``torch.topk`` (the code before the sampled one)."""
+    """sparseopt's update with its selections forced to plain ``torch.topk`` (the code before the sampled one):
+    no sampled bracket, and the pick is ``torch.topk`` rather than the native ``nth_element``."""
 
     def run(self) -> None:
-        saved = selection.SAMPLED_TOPK_MIN, selection.SAMPLED_GROW_MIN
+        saved = selection.SAMPLED_TOPK_MIN, selection.SAMPLED_GROW_MIN, selection._pick
         selection.SAMPLED_TOPK_MIN = selection.SAMPLED_GROW_MIN = 1 << 62
+        selection._pick = lambda scores, k, largest: torch.topk(scores, k, largest=largest, sorted=False).indices
         try:
             super().run()
         finally:
-            selection.SAMPLED_TOPK_MIN, selection.SAMPLED_GROW_MIN = saved
+            selection.SAMPLED_TOPK_MIN, selection.SAMPLED_GROW_MIN, selection._pick = saved
+
+
+class TorchOpsUpdate(SparseoptUpdate):
+    """sparseopt's update on its torch path: the native selection kernels switched off for the call (what a
+    failed build or ``SPARSEOPT_NATIVE_KERNELS=0`` runs)."""
+
+    def run(self) -> None:
+        saved = native_selection.library
+        native_selection.library = lambda: None
+        try:
+            super().run()
+        finally:
+            native_selection.library = saved
 
 
 # ---- c. sparsimony ------------------------------------------------------------------------------------------------
@@ -389,6 +407,7 @@ def main(argv=None) -> dict:
     so_plain = SparseoptUpdate(ref)
     impls["sparseopt"] = so_plain
     impls["sparseopt-topk"] = TopkSelectionUpdate(ref)
+    impls["sparseopt-torchops"] = TorchOpsUpdate(ref)
     impls["sparseopt+SO"] = SparseoptUpdate(ref, preconditioner=so.SparseOpt())
     if not args.no_packages:
         for name, cls in (("sparsimony", SparsimonyUpdate), ("rigl-torch", RiglTorchUpdate)):

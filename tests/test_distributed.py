@@ -38,8 +38,8 @@ def train(rank, topology, out):
     # Different seeds per rank on purpose: rank 0's masks must win, and stay in sync at every update.
     sparse = so.SparseTraining(model, opt, 0.2, topology=topo, seed=rank, preconditioner=so.SparseOpt())
     grown_from, global_grads = [], []
-    score = topo.grow_score
-    topo.grow_score = lambda w, grad, gen, out=None: grown_from.append(grad if grad is None else grad.clone()) or score(w, grad, gen, out=out)
+    score = topo.grow_scores   # what the update reads the grow scores through
+    topo.grow_scores = lambda w, grad, gen, out=None: grown_from.append(grad if grad is None else grad.clone()) or score(w, grad, gen, out=out)
     g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
     for step in range(9):
         x, y = torch.randn(16, 10, generator=g), torch.randint(0, 4, (16,), generator=g)

@@ -140,13 +140,13 @@ def test_rigl_regrows_from_the_chosen_gradient(regrow, monkeypatch):
     sparse = so.SparseTraining(net, opt, {"0.weight": 0.5}, masks={"0.weight": mask}, topology=topo,
                                preconditioner=so.SparseOpt(regrow_gradient=regrow))
     seen = {}
-    original = topo.grow_score
+    original = topo.grow_scores   # what the update reads the grow scores through
 
     def spy(w, g, gen, out=None):
         seen["g"] = g.clone()
         return original(w, g, gen, out=out)
 
-    monkeypatch.setattr(topo, "grow_score", spy)
+    monkeypatch.setattr(topo, "grow_scores", spy)
     x, y = torch.randn(32, 10), torch.randint(0, 4, (32,))
     loss = nn.functional.cross_entropy(net(x), y)
     (raw,) = torch.autograd.grad(loss, net[0].weight, retain_graph=True)  # dense, as RigL must see it

@@ -38,6 +38,7 @@ from sparseopt.health import correction_ratio, layer_health
 from sparseopt.init import sparse_init_
 from sparseopt.masks import (SparseParam, SparsePlan, constant_fan_in_mask, constant_fan_in_nnz, fan_in,
                              plan_sparse_params, random_mask, sparsifiable_weights)
+from sparseopt.native.selection import fill_at_
 from sparseopt.optim.decay import decoupled_groups, fold_coupled_weight_decay_, restore_weight_decay
 from sparseopt.optim.renorm import RENORM_MODES, global_grad_norm, renormalize_
 from sparseopt.optim.sparseopt import SparseOpt
@@ -602,11 +603,13 @@ class SparseTraining:
             mask, w, active = self.masks[p.name], p.param.detach(), self._active[p.name]
             drop = self.topology.drop_score(w, active, p.out_axis)
             score_buf, work = self._scratch(w)
-            grow = self.topology.grow_score(w, grads.get(p.name), self.generator, out=score_buf)
-            if self.constant_fan_in:
+            if self.constant_fan_in:   # this selection overwrites its grow scores: a full-size score tensor
+                grow = self.topology.grow_score(w, grads.get(p.name), self.generator, out=score_buf)
                 changes[p.name] = drop_and_grow_per_neuron_(mask, drop, grow, n, active, p.out_axis)
             else:
-                changes[p.name] = drop_and_grow_(mask, drop, grow, n, active=active, work=work)
+                grow, absolute = self.topology.grow_scores(w, grads.get(p.name), self.generator, out=score_buf)
+                changes[p.name] = drop_and_grow_(mask, drop, grow, n, active=active, work=work,
+                                                 grow_absolute=absolute)
         if distributed:
             changes = self._agree_on_changes(old)
         for p in self.params:
@@ -653,13 +656,13 @@ class SparseTraining:
         the topology's ``grow_init`` values); survivors, including regrown ones, keep both. O(changed entries)."""
         touched = torch.cat([change.removed, change.added])
         flat_w = p.param.view(-1)
-        flat_w.index_fill_(0, touched, 0.0)
+        fill_at_(flat_w, touched, 0.0)
         values = self.topology.grow_values(p.param, grad, self.masks[p.name], change.added, self.generator)
         if values is not None:
             flat_w.index_copy_(0, change.added, values.to(p.param.dtype))
         for value in self.optimizer.state.get(p.param, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                value.view(-1).index_fill_(0, touched, 0)
+                fill_at_(value.view(-1), touched, 0)
         self.fired.merge_(p.name, self.masks[p.name])
         self.changed[p.name] = change.added.numel()
         if change.removed_at.numel() == change.added.numel() > 0:

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sparseopt.native import selection as native
+from sparseopt.native.selection import fill_at_
+
 #: Below this many scores :func:`topk_indices` uses ``torch.topk`` directly (measured: at k = 0.3 n, the drop
 #: selection's, the sampled bracket pays from about 10^5 scores).
 SAMPLED_TOPK_MIN = 1 << 16
@@ -27,7 +30,8 @@ class MaskChange:
 
 
 def drop_and_grow_(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, n: int,
-                   active: torch.Tensor | None = None, work: torch.Tensor | None = None) -> MaskChange:
+                   active: torch.Tensor | None = None, work: torch.Tensor | None = None,
+                   grow_absolute: bool = False) -> MaskChange:
     """Update ``mask`` in place: drop the ``n`` active entries with the smallest ``drop_score``, then grow the ``n``
     entries with the largest ``grow_score`` among all not kept (just-dropped ones included); nnz is unchanged.
 
@@ -36,7 +40,8 @@ def drop_and_grow_(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: tor
     the whole tensor. ``grow_score`` is full-size and only read: the grow selection (:func:`topk_outside`) leaves
     the active entries out by the mask and takes the just-dropped ones as a list, so nothing is written into the
     scores and the regrown entries come out of the selection itself. ``work``: an optional float buffer of at
-    least ``grow_score.numel()`` entries the selections may overwrite (saves allocating one per call). Two
+    least ``grow_score.numel()`` entries the selections may overwrite (saves allocating one per call).
+    ``grow_absolute``: grow by ``|grow_score|`` (RigL passes the gradient itself; see :func:`topk_outside`). Two
     selections of size ``n``, linear in the number of scores.
     """
     flat = mask.view(-1)
@@ -48,13 +53,14 @@ def drop_and_grow_(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: tor
         raise ValueError(f"drop_score has {drop_score.numel()} entries for {active.numel()} active weights")
     dropped_at = topk_indices(drop_score, n, largest=False, work=work)
     dropped = active.index_select(0, dropped_at)
-    grown, regrown, regrown_at = topk_outside(grow_score.view(-1), n, flat, active.numel(), also=dropped, work=work)
+    grown, regrown, regrown_at = topk_outside(grow_score.reshape(-1), n, flat, active.numel(), also=dropped,
+                                              work=work, absolute=grow_absolute)
     if regrown_at.numel():
         again = torch.zeros(n, dtype=torch.bool, device=mask.device).index_fill_(0, regrown_at, True)
         dropped, dropped_at = _without_flagged(again, dropped, dropped_at)
         (grown,) = _without_flagged(regrown, grown)
-    flat.index_fill_(0, dropped, False)
-    flat.index_fill_(0, grown, True)
+    fill_at_(flat, dropped, False)
+    fill_at_(flat, grown, True)
     return MaskChange(dropped, grown, dropped_at)
 
 
@@ -124,24 +130,52 @@ def topk_indices(x: torch.Tensor, k: int, largest: bool = True, min_numel: int |
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=x.device)
     if n < (SAMPLED_TOPK_MIN if min_numel is None else min_numel) or k >= n:
-        return torch.topk(x, min(k, n), largest=largest, sorted=False).indices
+        return _pick(x, min(k, n), largest)
     stride = _prime_stride(n)
     bounds = _sample_bounds(x[stride // 2::stride], k / n, (True, True), largest)
     if bounds is None:
-        return torch.topk(x, k, largest=largest, sorted=False).indices
-    outer_t, inner_t, _ = bounds          # the k-th value lies between them; ``inner_t`` is the stricter one
+        return _pick(x, k, largest)
+    outer_t, inner_t, share = bounds      # the k-th value lies between them; ``inner_t`` is the stricter one
+    lib = native.kernels_for(x)
+    if lib is not None:   # one pass for both lists; the same lists, in the same order, as the torch ops below
+        n_sure, sure, band, band_scores = native.bracket(lib, x, float(inner_t), float(outer_t), largest, k,
+                                                         int(share * n) + 1024)
+        if n_sure > k or n_sure + band.numel() < k:
+            return _pick(x, k, largest)
+        band_at = _pick(band_scores, k - n_sure, largest)
+        return torch.cat([sure, band.index_select(0, band_at)])
     out = work[:n] if work is not None else torch.empty_like(x)
     beyond = _beyond(x, inner_t, largest, out)
     sure = _compact(beyond, few=k < n // 8)
     if sure.numel() > k:
-        return torch.topk(x, k, largest=largest, sorted=False).indices
+        return _pick(x, k, largest)
     # the band: reached outer_t (not strictly worse than it) but not beyond inner_t (beyond implies reached)
     (torch.ge if largest else torch.le)(x, outer_t, out=out)
     band = _compact(out.to(torch.bool) ^ beyond, few=True)
     if sure.numel() + band.numel() < k:
-        return torch.topk(x, k, largest=largest, sorted=False).indices
-    band_at = torch.topk(x.index_select(0, band), k - sure.numel(), largest=largest, sorted=False).indices
+        return _pick(x, k, largest)
+    band_at = _pick(x.index_select(0, band), k - sure.numel(), largest)
     return torch.cat([sure, band.index_select(0, band_at)])
+
+
+def _pick(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Positions of the ``k`` best of the 1-D ``scores``: every entry strictly better than the k-th best value,
+    then those equal to it, lowest positions first. Without ties the set ``torch.topk`` gives; with ties a
+    definite one, so the native kernel (a radix select, where it applies) and the torch ops here give the
+    same positions in the same order. Scores with a NaN go to ``torch.topk`` on both paths (it ranks NaN first)."""
+    n = scores.numel()
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    lib = native.kernels_for(scores)
+    if lib is not None:
+        at = native.pick(lib, scores, k, largest)
+    elif bool(torch.isnan(scores).any()):
+        at = None
+    else:
+        v = torch.kthvalue(scores, n - k + 1 if largest else k).values
+        sure = (scores > v if largest else scores < v).nonzero().squeeze(1)
+        at = torch.cat([sure, (scores == v).nonzero().squeeze(1)[:k - sure.numel()]])
+    return torch.topk(scores, k, largest=largest, sorted=False).indices if at is None else at
 
 
 def _sample_bounds(sample: torch.Tensor, fraction: float, which: tuple[bool, bool], largest: bool,
@@ -166,7 +200,7 @@ def _sample_bounds(sample: torch.Tensor, fraction: float, which: tuple[bool, boo
 
 
 def topk_outside(x: torch.Tensor, k: int, excluded: torch.Tensor, n_excluded: int, also: torch.Tensor | None = None,
-                 work: torch.Tensor | None = None, min_numel: int | None = None
+                 work: torch.Tensor | None = None, min_numel: int | None = None, absolute: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``k`` largest entries of the 1-D ``x`` among those where the bool ``excluded`` is False (``n_excluded``
     of them are True) and those listed in ``also`` (distinct flat indices of excluded entries), without writing
@@ -181,11 +215,20 @@ def topk_outside(x: torch.Tensor, k: int, excluded: torch.Tensor, n_excluded: in
     them, so the result is exact; fewer (the sample missed) falls back to ``torch.topk`` over all eligible
     entries, so the result never depends on the sample's luck, only the time. NaN scores are never candidates.
     Below ``min_numel`` scores (default ``SAMPLED_GROW_MIN``, measured) that fallback is the faster way and is
-    used. ``work``: an optional float buffer of at least ``x.numel()`` entries to compare into.
+    used. ``work``: an optional float buffer of at least ``x.numel()`` entries to compare into. ``absolute``: the
+    scores are ``|x|`` (RigL's |g| from the gradient itself: the native scan takes the magnitude on the fly, one
+    full-size pass less; the torch path computes ``x.abs()`` first).
+
+    Where the native kernels apply (:mod:`sparseopt.native.selection`) the comparison, the AND-NOT and the
+    compaction are one pass that also returns the candidates' scores, and the pick among them is one
+    radix select; the same candidates and the same result as the torch ops.
     """
     n = x.numel()
+    lib = native.kernels_for(x, excluded)
+    if absolute and lib is None:
+        x, absolute = x.abs(), False
     also = x.new_empty(0, dtype=torch.long) if also is None else also
-    at_also = x.index_select(0, also)
+    at_also = native.gather_at(x, also, absolute)
     pool = n - n_excluded + also.numel()
     if k <= 0:
         return also[:0], also[:0].bool(), also[:0]
@@ -197,22 +240,30 @@ def topk_outside(x: torch.Tensor, k: int, excluded: torch.Tensor, n_excluded: in
         start = stride // 2
         skip = excluded[start::stride]
         valid = skip.numel() - int(skip.sum())
-        sample = torch.cat([x[start::stride].masked_fill(skip, float("-inf")), at_also[start::stride]])
+        strided = x[start::stride].abs() if absolute else x[start::stride]
+        sample = torch.cat([strided.masked_fill(skip, float("-inf")), at_also[start::stride]])
         valid += sample.numel() - skip.numel()
         bounds = _sample_bounds(sample, k / pool, (True, False), largest=True, valid=valid) if valid else None
         if bounds is not None:
             t = bounds[0]
-            above = _beyond(x, t, True, work[:n] if work is not None else torch.empty_like(x))
             expected = bounds[2] * pool / n                      # the share of entries expected to be candidates
-            outside = _compact(torch.gt(above, excluded, out=above), few=expected < 0.025)
+            if lib is not None:   # compare, AND-NOT and compaction in one pass; the torch ops' list and order
+                outside, outside_scores = native.above(lib, x, float(t), excluded, absolute,
+                                                       int(expected * n) + 4096)
+            else:
+                above = _beyond(x, t, True, work[:n] if work is not None else torch.empty_like(x))
+                outside = _compact(torch.gt(above, excluded, out=above), few=expected < 0.025)
+                outside_scores = None
             inside = (at_also > t).nonzero().squeeze(1)          # positions in ``also``
             if outside.numel() + inside.numel() >= k:
-                candidates = outside
+                candidates, candidate_scores = outside, outside_scores
     if candidates is None:
-        candidates = (~excluded).nonzero().squeeze(1)
+        candidates, candidate_scores = (~excluded).nonzero().squeeze(1), None
         inside = torch.arange(also.numel(), device=x.device)
-    scores = torch.cat([x.index_select(0, candidates), at_also.index_select(0, inside)])
-    at = torch.topk(scores, k, sorted=False).indices
+    if candidate_scores is None:
+        candidate_scores = native.gather_at(x, candidates, absolute)
+    scores = torch.cat([candidate_scores, at_also.index_select(0, inside)])
+    at = _pick(scores, k, True)
     came = at >= candidates.numel()
     chosen = torch.cat([candidates, also.index_select(0, inside)]).index_select(0, at)
     return chosen, came, inside.index_select(0, at[came] - candidates.numel())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from sparseopt.native.selection import gather_at
+
 
 class Topology:
     """Base of all topologies. Dynamic ones override :meth:`is_update_step`, :meth:`drop_count` and
@@ -22,7 +24,7 @@ class Topology:
     def drop_score(self, weight: torch.Tensor, active: torch.Tensor, out_axis: int = 0) -> torch.Tensor:
         """Score of each active weight (flat indices ``active`` of ``weight``), in that order; the smallest drop.
         ``out_axis``: the weight's output-unit axis (:mod:`sparseopt.layouts`), for per-neuron criteria."""
-        return weight.reshape(-1).index_select(0, active).abs_()
+        return gather_at(weight, active, absolute=True)
 
     def grow_values(self, weight: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor,
                     added: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
@@ -33,6 +35,13 @@ class Topology:
                    out: torch.Tensor | None = None) -> torch.Tensor:
         """Score of every entry (full-size, written into ``out`` when given); the largest non-kept ones grow."""
         raise NotImplementedError
+
+    def grow_scores(self, weight: torch.Tensor, grad: torch.Tensor | None, generator: torch.Generator,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """What the update's grow selection reads: (s, absolute), the scores being s, or |s| when ``absolute``.
+        By default :meth:`grow_score` and False; RigL hands over the gradient itself with True, so the selection
+        takes |g| on the fly instead of writing a full-size |g| first. ``s`` is only read."""
+        return self.grow_score(weight, grad, generator, out=out), False
 
 
 class Static(Topology):

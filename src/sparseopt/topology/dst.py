@@ -127,9 +127,17 @@ class RigL(_DropAndGrow):
         return True
 
     def grow_score(self, weight, grad, generator, out=None):
+        self._check_gradient(grad)
+        return torch.abs(grad, out=out) if out is not None else grad.abs()
+
+    def grow_scores(self, weight, grad, generator, out=None):
+        self._check_gradient(grad)
+        return grad, True
+
+    @staticmethod
+    def _check_gradient(grad: torch.Tensor | None) -> None:
         if grad is None:
             raise RuntimeError(
                 "RigL needs the dense gradient at a mask-update step, but a sparse weight has no .grad; "
                 "call loss.backward() before optimizer.step() and make sure every sparse layer is used"
             )
-        return torch.abs(grad, out=out) if out is not None else grad.abs()
