@@ -178,3 +178,10 @@ def test_switched_off_by_the_environment(monkeypatch):
         assert native.library() is None
     finally:
         native.library.cache_clear()
+
+
+@given(st.integers(1, 3000), st.integers(0, 4), st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+def test_kth_is_kthvalue(n, levels, fraction, seed):
+    x, _ = scores(n, seed, levels)
+    rank = int(fraction * (n - 1))
+    assert native.kth(native.library(), x, rank) == torch.kthvalue(x, rank + 1).values.item()   # -0 == +0

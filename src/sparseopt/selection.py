@@ -193,8 +193,13 @@ def _sample_bounds(sample: torch.Tensor, fraction: float, which: tuple[bool, boo
     if outer >= s or (which[1] and inner < 0):
         return None
 
-    def at(position: int) -> torch.Tensor:
-        return torch.kthvalue(sample, total - position if largest else position + 1).values
+    lib = native.kernels_for(sample.contiguous())
+    sample = sample.contiguous() if lib is not None else sample
+
+    def at(position: int) -> torch.Tensor | float:
+        j = total - position if largest else position + 1                # 1-based rank, ascending
+        value = native.kth(lib, sample, j - 1) if lib is not None else None  # the same value, by a radix select
+        return torch.kthvalue(sample, j).values if value is None else value
 
     return (at(outer) if which[0] else None), (at(inner) if which[1] else None), (outer + 1) / s
 

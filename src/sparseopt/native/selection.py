@@ -24,6 +24,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "sparseopt_above_f32": ([_P, _P, _I, _F, ctypes.c_int, _I, _P, _P], ctypes.c_int64),
     "sparseopt_bracket_f32": ([_P, _I, _F, _F, ctypes.c_int, _I, _P, _I, _P, _P, _P], None),
+    "sparseopt_kth_f32": ([_P, _I, _I, _P], ctypes.c_int),
     "sparseopt_pick_f32": ([_P, _I, _I, ctypes.c_int, _P], ctypes.c_int),
     "sparseopt_gather_f32": ([_P, _P, _I, ctypes.c_int, _P], None),
     "sparseopt_fill_f32": ([_P, _P, _I, _F], None),
@@ -71,11 +72,11 @@ def bracket(lib: ctypes.CDLL, x: torch.Tensor, inner: float, outer: float, large
     then falls back); the band list is complete (a second pass when it outgrows ``band_capacity``)."""
     n = x.numel()
     sure_capacity, band_capacity = max(1, min(sure_capacity, n)), max(1, min(band_capacity, n))
-    sure = torch.empty(sure_capacity, dtype=torch.long)
+    sure = torch.empty(sure_capacity + 1, dtype=torch.long)     # + 1: the kernel's scratch slot
     counts = torch.zeros(2, dtype=torch.long)
     for _ in range(2):
-        band = torch.empty(band_capacity, dtype=torch.long)
-        band_val = torch.empty(band_capacity, dtype=torch.float32)
+        band = torch.empty(band_capacity + 1, dtype=torch.long)
+        band_val = torch.empty(band_capacity + 1, dtype=torch.float32)
         lib.sparseopt_bracket_f32(x.data_ptr(), n, float(inner), float(outer), int(largest), sure_capacity,
                                   sure.data_ptr(), band_capacity, band.data_ptr(), band_val.data_ptr(),
                                   counts.data_ptr())
@@ -84,6 +85,15 @@ def bracket(lib: ctypes.CDLL, x: torch.Tensor, inner: float, outer: float, large
             return n_sure, sure[:min(n_sure, sure_capacity)], band[:n_band], band_val[:n_band]
         band_capacity = n_band
     raise AssertionError("unreachable: the second pass has room for the whole band")
+
+
+def kth(lib: ctypes.CDLL, x: torch.Tensor, rank: int) -> float | None:
+    """The value at 0-based ``rank`` of ``x`` in ascending order (``torch.kthvalue(x, rank + 1)``; a zero comes
+    back as +0, which compares the same); None when ``x`` holds a NaN."""
+    value = ctypes.c_float()
+    if lib.sparseopt_kth_f32(x.data_ptr(), x.numel(), rank, ctypes.byref(value)) != 0:
+        return None
+    return value.value
 
 
 def pick(lib: ctypes.CDLL, x: torch.Tensor, k: int, largest: bool) -> torch.Tensor | None:

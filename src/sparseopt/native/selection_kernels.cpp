@@ -39,6 +39,48 @@ inline int64_t append_hits(uint32_t bits, int64_t base, const float* x, bool abs
   return count;
 }
 
+// A float's order as an unsigned key: ascending keys are ascending floats, -0 and +0 one key (they compare equal).
+inline uint32_t order_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (u == 0x80000000u) u = 0;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+inline float from_key(uint32_t key) {
+  const uint32_t u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The key of the entry at 0-based rank `rank` of x[0, n) in ascending order, by a radix select on order_key:
+// three histogram passes (11, 11 and 10 bits), each counting the entries that match the digits found so far.
+// False when x holds a NaN (no total order).
+bool radix_select(const float* x, int64_t n, int64_t rank, uint32_t* found) {
+  uint32_t prefix = 0, known = 0;          // the key bits found so far, and which
+  static const int shifts[3] = {21, 10, 0}, widths[3] = {11, 11, 10};
+  std::vector<int64_t> hist((1 << 11) + 1);  // the last bin counts the entries that do not match the prefix
+  for (int level = 0; level < 3; ++level) {
+    const int shift = shifts[level];
+    const uint32_t digit_mask = (1u << widths[level]) - 1, miss = 1u << 11;
+    std::fill(hist.begin(), hist.end(), 0);
+    bool nan = false;
+    for (int64_t i = 0; i < n; ++i) {  // branch-free: a mispredicted branch per entry costs more than the count
+      const uint32_t key = order_key(x[i]);
+      nan |= x[i] != x[i];
+      ++hist[(key & known) == prefix ? (key >> shift) & digit_mask : miss];
+    }
+    if (nan) return false;
+    uint32_t d = 0;
+    while (rank >= hist[d]) rank -= hist[d++];
+    prefix |= d << shift;
+    known |= digit_mask << shift;
+  }
+  *found = prefix;
+  return true;
+}
+
 }  // namespace
 
 extern "C" {
@@ -82,64 +124,45 @@ int64_t sparseopt_above_f32(const float* x, const bool* excluded, int64_t n, flo
 // The bracket of a sampled top-k (selection.topk_indices): "sure" entries strictly beyond inner (x > inner when
 // largest, x < inner otherwise) and "band" entries between the two thresholds (outer <= x <= inner, resp.
 // inner <= x <= outer); NaN is in neither. Writes sure indices (up to sure_cap), band indices and scores (up to
-// band_cap); counts[0], counts[1] get the full counts. torch: two comparisons, an XOR and two nonzero.
+// band_cap; each list has room for one entry more, a scratch slot); counts[0], counts[1] get the full counts.
+// torch: two comparisons, an XOR and two nonzero.
 void sparseopt_bracket_f32(const float* x, int64_t n, float inner, float outer, int largest, int64_t sure_cap,
                            int64_t* sure, int64_t band_cap, int64_t* band, float* band_val, int64_t* counts) {
   int64_t cs = 0, cb = 0;
   const float lo = largest ? outer : inner, hi = largest ? inner : outer;  // the band is [lo, hi]
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {  // branch-free (about a third are sure): slot cap of each list is a sink
     const float v = x[i];
     const bool s = largest ? v > hi : v < lo;
     const bool b = v >= lo && v <= hi;
-    if (s) { if (cs < sure_cap) sure[cs] = i; ++cs; }
-    if (b) { if (cb < band_cap) { band[cb] = i; band_val[cb] = v; } ++cb; }
+    sure[cs < sure_cap ? cs : sure_cap] = i;
+    const int64_t at = cb < band_cap ? cb : band_cap;
+    band[at] = i;
+    band_val[at] = v;
+    cs += s;
+    cb += b;
   }
   counts[0] = cs;
   counts[1] = cb;
 }
 
-// A float's order as an unsigned key: ascending keys are ascending floats, -0 and +0 one key (they compare equal).
-inline uint32_t order_key(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if (u == 0x80000000u) u = 0;
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 
-inline float from_key(uint32_t key) {
-  const uint32_t u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+// The value at 0-based rank `rank` (0 <= rank < n) of x[0, n) in ascending order (-0 and +0 as +0), into *value;
+// returns 0, or -1 when x holds a NaN. torch: kthvalue(x, rank + 1).
+int sparseopt_kth_f32(const float* x, int64_t n, int64_t rank, float* value) {
+  uint32_t key;
+  if (!radix_select(x, n, rank, &key)) return -1;
+  *value = from_key(key);
+  return 0;
 }
 
 // Positions of the k best of x[0, n) (largest, or smallest when !largest; 0 < k <= n): every entry strictly better
 // than the k-th best value v (ascending positions), then the entries equal to v (ascending) until there are k.
-// v is found by a radix select on order_key (three histogram passes of 11, 11 and 10 bits, each over the entries
-// that match the digits found so far), then one pass writes the positions. Returns 0, or -1 when x holds a NaN
-// (no total order; the caller ranks on torch). torch: selection._pick (kthvalue, two comparisons, two nonzero).
+// v by radix_select, then one pass writes the positions. Returns 0, or -1 when x holds a NaN (no total order; the
+// caller ranks on torch). torch: selection._pick (kthvalue, two comparisons, two nonzero).
 int sparseopt_pick_f32(const float* x, int64_t n, int64_t k, int largest, int64_t* out) {
-  int64_t rank = largest ? n - k : k - 1;  // 0-based rank of v in ascending key order
-  uint32_t prefix = 0, known = 0;          // the key bits found so far, and which
-  static const int shifts[3] = {21, 10, 0}, widths[3] = {11, 11, 10};
-  std::vector<int64_t> hist((1 << 11) + 1);  // the last bin counts the entries that do not match the prefix
-  for (int level = 0; level < 3; ++level) {
-    const int shift = shifts[level];
-    const uint32_t digit_mask = (1u << widths[level]) - 1, miss = 1u << 11;
-    std::fill(hist.begin(), hist.end(), 0);
-    bool nan = false;
-    for (int64_t i = 0; i < n; ++i) {  // branch-free: a mispredicted branch per entry costs more than the count
-      const uint32_t key = order_key(x[i]);
-      nan |= x[i] != x[i];
-      ++hist[(key & known) == prefix ? (key >> shift) & digit_mask : miss];
-    }
-    if (nan) return -1;
-    uint32_t d = 0;
-    while (rank >= hist[d]) rank -= hist[d++];
-    prefix |= d << shift;
-    known |= digit_mask << shift;
-  }
-  const float v = from_key(prefix);
+  uint32_t key;
+  if (!radix_select(x, n, largest ? n - k : k - 1, &key)) return -1;
+  const float v = from_key(key);
   int64_t c = 0;
   std::vector<int64_t> tied;
   for (int64_t i = 0; i < n; ++i) {
