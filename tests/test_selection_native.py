@@ -185,3 +185,19 @@ def test_kth_is_kthvalue(n, levels, fraction, seed):
     x, _ = scores(n, seed, levels)
     rank = int(fraction * (n - 1))
     assert native.kth(native.library(), x, rank) == torch.kthvalue(x, rank + 1).values.item()   # -0 == +0
+
+
+@given(st.integers(1, 3000), st.integers(0, 2**31 - 1))
+def test_the_itop_merge_is_the_same_on_both_paths(n, seed):
+    from sparseopt.bits import PackedMasks, unpack_mask
+
+    g = torch.Generator().manual_seed(seed)
+    start, more = torch.rand(n, generator=g) < 0.3, torch.rand(n, generator=g) < 0.1
+
+    def run():
+        packed = PackedMasks({"w": start})
+        packed.merge_("w", more)
+        return packed.packed()["w"]
+
+    a, b = both(run)
+    assert torch.equal(a, b) and torch.equal(unpack_mask(a, (n,)), start | more)

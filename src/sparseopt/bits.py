@@ -7,6 +7,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from sparseopt.native.selection import or_bits_
+
 if sys.byteorder != "little":  # the multiply-packing below reads a word's top byte at its last address
     raise ImportError("sparseopt.bits packs masks assuming a little-endian machine; this one is big-endian")
 
@@ -69,10 +71,12 @@ class PackedMasks(Mapping):
         self._packed[name] = pack_mask(mask.to(self._packed[name].device))
 
     def merge_(self, name: str, mask: torch.Tensor) -> None:
-        """Set every entry that is set in the bool ``mask`` (a bitwise OR; one pass over an eighth of the bytes)."""
+        """Set every entry that is set in the bool ``mask`` (a bitwise OR): one native pass over the mask where the
+        kernel applies (a bool CPU mask), else a multiply per 8 entries and an OR over an eighth of the bytes."""
         if tuple(mask.shape) != self._shapes[name]:
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, expected {self._shapes[name]}")
-        self._packed[name].bitwise_or_(_packed_view(mask))
+        if not or_bits_(self._packed[name], mask.detach().reshape(-1)):
+            self._packed[name].bitwise_or_(_packed_view(mask))
 
     def count(self, name: str) -> int:
         """Number of set entries."""

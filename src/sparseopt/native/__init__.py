@@ -7,8 +7,9 @@ and ``SPARSEOPT_NATIVE_KERNELS=0`` chooses the torch paths without building.
 
 Layout: the sources live next to the code they serve. ``sparseopt/execution/sparse_kernels.cpp`` (the CSR
 products, loaded by :mod:`sparseopt.execution.native`) and ``sparseopt/native/selection_kernels.cpp`` (the one-pass
-scans of a mask update, loaded by :mod:`sparseopt.native.selection`, used by :mod:`sparseopt.selection` and the
-update in :mod:`sparseopt.pipeline`). Only the build and the cache are shared, here.
+scans of a mask update, loaded by :mod:`sparseopt.native.selection`, used by :mod:`sparseopt.selection`, the
+update in :mod:`sparseopt.pipeline` and the ITOP record in :mod:`sparseopt.bits`). Only the build and the cache
+are shared, here.
 """
 
 from __future__ import annotations

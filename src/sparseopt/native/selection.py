@@ -29,7 +29,11 @@ _SIGNATURES = {
     "sparseopt_gather_f32": ([_P, _P, _I, ctypes.c_int, _P], None),
     "sparseopt_fill_f32": ([_P, _P, _I, _F], None),
     "sparseopt_fill_u8": ([_P, _P, _I, ctypes.c_uint8], None),
+    "sparseopt_or_bits": ([_P, _P, _I], None),
 }
+
+
+_DTYPES = (torch.float32, torch.int64, torch.bool, torch.uint8)
 
 
 @functools.cache
@@ -39,9 +43,10 @@ def library() -> ctypes.CDLL | None:
 
 
 def kernels_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The kernels when they apply to all of ``tensors``: contiguous CPU tensors, floats float32, indices int64."""
+    """The kernels when they apply to all of ``tensors``: contiguous CPU tensors, floats float32, indices int64
+    (bool and uint8 masks)."""
     for t in tensors:
-        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.int64, torch.bool):
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _DTYPES:
             return None
     return library()
 
@@ -140,3 +145,14 @@ def gather_at(x: torch.Tensor, idx: torch.Tensor, absolute: bool = False) -> tor
         out = x.reshape(-1).index_select(0, idx)
         return out.abs_() if absolute else out
     return gather(lib, x, idx, absolute)
+
+
+def or_bits_(packed: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Set the bits of the set entries of the bool ``mask`` in ``packed`` (sparseopt.bits' packing, one pass);
+    False, with nothing done, where the kernel does not apply (the caller then packs on torch)."""
+    lib = kernels_for(packed, mask) if packed.dtype == torch.uint8 and mask.dtype == torch.bool else None
+    if lib is None or packed.numel() != -(-mask.numel() // 8):
+        return False
+    lib.sparseopt_or_bits(packed.data_ptr(), mask.data_ptr(), mask.numel())
+    increment_version(packed)
+    return True

@@ -189,6 +189,23 @@ void sparseopt_fill_f32(float* p, const int64_t* idx, int64_t m, float value) {
   for (int64_t j = 0; j < m; ++j) p[idx[j]] = value;
 }
 
+// packed[j] |= the bits of mask[8j, 8j + 8), least significant first (sparseopt.bits' packing). torch:
+// PackedMasks.merge_ (a multiply per 8 entries, then a bitwise OR).
+void sparseopt_or_bits(uint8_t* packed, const uint8_t* mask, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  for (; i + 32 <= n; i += 32) {  // bool bytes are 0/1: shifting bit 0 to bit 7 lets movemask read them
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask + i));
+    const uint32_t bits = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_slli_epi16(v, 7)));
+    uint32_t old;
+    std::memcpy(&old, packed + i / 8, 4);
+    old |= bits;                   // little-endian: byte j of the word holds entries 8j..8j+7
+    std::memcpy(packed + i / 8, &old, 4);
+  }
+#endif
+  for (; i < n; ++i) packed[i >> 3] |= static_cast<uint8_t>((mask[i] & 1) << (i & 7));
+}
+
 void sparseopt_fill_u8(uint8_t* p, const int64_t* idx, int64_t m, uint8_t value) {
   for (int64_t j = 0; j < m; ++j) p[idx[j]] = value;
 }
