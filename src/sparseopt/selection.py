@@ -67,7 +67,11 @@ def drop_and_grow_(mask: torch.Tensor, drop_score: torch.Tensor, grow_score: tor
 def _without_flagged(flags: torch.Tensor, *arrays: torch.Tensor) -> list[torch.Tensor]:
     """The entries of each of ``arrays`` (fresh tensors as long as the bool ``flags``) where ``flags`` is False,
     in some order, the same for all: the few flagged entries at the front are overwritten, in place, by the
-    unflagged ones at the back. One ``nonzero`` over few hits, not a boolean index that writes almost all."""
+    unflagged ones at the back. One ``nonzero`` over few hits, not a boolean index that writes almost all; one
+    native pass where the kernel applies (int64 arrays), with the same result."""
+    lib = native.kernels_for(flags, *arrays) if all(a.dtype == torch.long for a in arrays) else None
+    if lib is not None:
+        return native.without_flagged(lib, flags, arrays)
     flagged = flags.nonzero().squeeze(1)
     keep = flags.numel() - flagged.numel()
     holes = flagged[flagged < keep]
@@ -243,11 +247,15 @@ def topk_outside(x: torch.Tensor, k: int, excluded: torch.Tensor, n_excluded: in
     if n >= (SAMPLED_GROW_MIN if min_numel is None else min_numel) and k < pool:
         stride = _prime_stride(n, _GROW_SAMPLE)
         start = stride // 2
-        skip = excluded[start::stride]
-        valid = skip.numel() - int(skip.sum())
-        strided = x[start::stride].abs() if absolute else x[start::stride]
-        sample = torch.cat([strided.masked_fill(skip, float("-inf")), at_also[start::stride]])
-        valid += sample.numel() - skip.numel()
+        if lib is not None:
+            sample, valid = native.sample(lib, x, excluded, start, stride, absolute, at_also)
+            valid += sample.numel() - len(range(start, n, stride))
+        else:
+            skip = excluded[start::stride]
+            valid = skip.numel() - int(skip.sum())
+            strided = x[start::stride].abs() if absolute else x[start::stride]
+            sample = torch.cat([strided.masked_fill(skip, float("-inf")), at_also[start::stride]])
+            valid += sample.numel() - skip.numel()
         bounds = _sample_bounds(sample, k / pool, (True, False), largest=True, valid=valid) if valid else None
         if bounds is not None:
             t = bounds[0]

@@ -30,6 +30,8 @@ _SIGNATURES = {
     "sparseopt_fill_f32": ([_P, _P, _I, _F], None),
     "sparseopt_fill_u8": ([_P, _P, _I, ctypes.c_uint8], None),
     "sparseopt_or_bits": ([_P, _P, _I], None),
+    "sparseopt_sample_f32": ([_P, _P, _I, _I, _I, ctypes.c_int, _P, _I, _P], ctypes.c_int64),
+    "sparseopt_without_flagged": ([_P, _I, _P, ctypes.c_int], ctypes.c_int64),
 }
 
 
@@ -67,6 +69,26 @@ def above(lib: ctypes.CDLL, x: torch.Tensor, t: float, excluded: torch.Tensor | 
             return idx[:count], val[:count]
         capacity = count
     raise AssertionError("unreachable: the second pass has room for every hit")
+
+
+def sample(lib: ctypes.CDLL, x: torch.Tensor, excluded: torch.Tensor, start: int, stride: int, absolute: bool,
+           also_scores: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The grow selection's sample: ``cat([s[start::stride] with -inf where excluded, also_scores[start::stride]])``
+    (s = |x| if ``absolute`` else x) and how many of the first part are not excluded; one pass."""
+    m1, m2 = len(range(start, x.numel(), stride)), len(range(start, also_scores.numel(), stride))
+    out = torch.empty(m1 + m2, dtype=torch.float32)
+    valid = lib.sparseopt_sample_f32(x.data_ptr(), excluded.data_ptr(), m1, start, stride, int(absolute),
+                                     also_scores.data_ptr(), m2, out.data_ptr())
+    return out, valid
+
+
+def without_flagged(lib: ctypes.CDLL, flags: torch.Tensor, arrays: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """:func:`sparseopt.selection._without_flagged` in one pass: the same entries in the same order."""
+    pointers = (ctypes.c_void_p * len(arrays))(*(a.data_ptr() for a in arrays))
+    keep = lib.sparseopt_without_flagged(flags.data_ptr(), flags.numel(), pointers, len(arrays))
+    for a in arrays:
+        increment_version(a)
+    return [a[:keep] for a in arrays]
 
 
 def bracket(lib: ctypes.CDLL, x: torch.Tensor, inner: float, outer: float, largest: bool, sure_capacity: int,

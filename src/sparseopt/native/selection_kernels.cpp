@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -119,6 +120,39 @@ int64_t sparseopt_above_f32(const float* x, const bool* excluded, int64_t n, flo
     count = append_hits(bits, i, x, absolute, count, cap, idx, val);
   }
   return count;
+}
+
+// The grow selection's strided sample: out[j] = s(x[start + j * stride]), -inf where excluded, for the m1 entries
+// of x, then also_val[start + j * stride] for the m2 of also_val; s = |.| when absolute. Returns how many of the
+// first m1 are not excluded. torch: a strided slice, abs, masked_fill, a sum over the strided mask and a cat.
+int64_t sparseopt_sample_f32(const float* x, const bool* excluded, int64_t m1, int64_t start, int64_t stride,
+                             int absolute, const float* also_val, int64_t m2, float* out) {
+  int64_t valid = 0;
+  for (int64_t j = 0; j < m1; ++j) {
+    const int64_t i = start + j * stride;
+    const float v = absolute ? magnitude(x[i]) : x[i];
+    out[j] = excluded[i] ? -std::numeric_limits<float>::infinity() : v;
+    valid += !excluded[i];
+  }
+  for (int64_t j = 0; j < m2; ++j) out[m1 + j] = also_val[start + j * stride];
+  return valid;
+}
+
+// The entries of arrays[0 .. n_arrays) (each n int64) where flags is false, moved to the front in place: the
+// flagged positions below keep (the unflagged count), ascending, take the unflagged entries at or above keep,
+// ascending. Returns keep. torch: selection._without_flagged (two nonzero, an index_select and index_copy_ each).
+int64_t sparseopt_without_flagged(const bool* flags, int64_t n, int64_t** arrays, int n_arrays) {
+  int64_t flagged = 0;
+  for (int64_t i = 0; i < n; ++i) flagged += flags[i];
+  const int64_t keep = n - flagged;
+  int64_t mover = keep;
+  for (int64_t hole = 0; hole < keep; ++hole) {
+    if (!flags[hole]) continue;
+    while (flags[mover]) ++mover;  // as many unflagged at or above keep as flagged below it
+    for (int a = 0; a < n_arrays; ++a) arrays[a][hole] = arrays[a][mover];
+    ++mover;
+  }
+  return keep;
 }
 
 // The bracket of a sampled top-k (selection.topk_indices): "sure" entries strictly beyond inner (x > inner when
