@@ -5,7 +5,7 @@
 // Both work on feature-major dense operands (each row of xt / dyt is one feature over the batch, contiguous):
 //   spmm:  yt[r, :] = sum_k val[k] * xt[col[k], :]        (y.T = W @ x.T), rows r of the CSR matrix
 //   sddmm: out[k]   = dot(dyt[r, :], xt[col[k], :])       (dy.T @ x at the non-zeros), row r of non-zero k
-// spmm keeps a 64-column slice of the output row in registers (four 16-float vectors) and walks the row's
+// spmm keeps a slice of four vectors of the output row in registers (64 columns with AVX-512) and walks the row's
 // non-zeros once per slice: that measured faster than a whole 256-column row (register pressure) and than
 // slicing the batch outside the row loop (the slices of xt rows break the hardware prefetcher).
 #include <algorithm>
@@ -15,8 +15,18 @@
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned loads/stores
+// One vector is the target's widest float register: 16 floats with AVX-512, else 8 (AVX2), else 4. Wider generic
+// vectors than the target has compile into spills: 64-byte vectors on an AVX2-only AMD EPYC ran these loops
+// 2.3-2.8x slower than torch's kernels (benchmarks/README).
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#elif defined(__AVX__)
+constexpr int VW = 8;
+#else
+constexpr int VW = 4;
+#endif
+typedef float v16 __attribute__((vector_size(VW * 4)));
+typedef float v16u __attribute__((vector_size(VW * 4), aligned(4)));  // unaligned loads/stores
 
 template <int NV>
 inline void spmm_slice(const int32_t* __restrict col, const float* __restrict val, int64_t k0, int64_t k1,
@@ -36,7 +46,7 @@ inline void spmm_slice(const int32_t* __restrict col, const float* __restrict va
 
 inline void spmm_tail(const int32_t* __restrict col, const float* __restrict val, int64_t k0, int64_t k1,
                       const float* __restrict xt, int64_t ld, float* __restrict out, int64_t width) {
-  float acc[16] = {};
+  float acc[VW] = {};
   for (int64_t k = k0; k < k1; ++k) {
     const float v = val[k];
     const float* x = xt + static_cast<int64_t>(col[k]) * ld;
@@ -51,11 +61,11 @@ void spmm_rows(const int32_t* crow, const int32_t* col, const float* val, const 
     const int64_t k0 = crow[r], k1 = crow[r + 1];
     float* y = yt + r * batch;
     int64_t c = 0;
-    for (; c + 64 <= batch; c += 64) spmm_slice<4>(col, val, k0, k1, xt + c, batch, y + c);
-    switch ((batch - c) / 16) {
-      case 3: spmm_slice<3>(col, val, k0, k1, xt + c, batch, y + c); c += 48; break;
-      case 2: spmm_slice<2>(col, val, k0, k1, xt + c, batch, y + c); c += 32; break;
-      case 1: spmm_slice<1>(col, val, k0, k1, xt + c, batch, y + c); c += 16; break;
+    for (; c + 4 * VW <= batch; c += 4 * VW) spmm_slice<4>(col, val, k0, k1, xt + c, batch, y + c);
+    switch ((batch - c) / VW) {
+      case 3: spmm_slice<3>(col, val, k0, k1, xt + c, batch, y + c); c += 3 * VW; break;
+      case 2: spmm_slice<2>(col, val, k0, k1, xt + c, batch, y + c); c += 2 * VW; break;
+      case 1: spmm_slice<1>(col, val, k0, k1, xt + c, batch, y + c); c += VW; break;
       default: break;
     }
     if (c < batch) spmm_tail(col, val, k0, k1, xt + c, batch, y + c, batch - c);
@@ -65,15 +75,15 @@ void spmm_rows(const int32_t* crow, const int32_t* col, const float* val, const 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   v16 acc[4] = {};
   int64_t j = 0;
-  for (; j + 64 <= n; j += 64) {
+  for (; j + 4 * VW <= n; j += 4 * VW) {
 #pragma GCC unroll 4
     for (int m = 0; m < 4; ++m)
       acc[m] += reinterpret_cast<const v16u*>(a + j)[m] * reinterpret_cast<const v16u*>(b + j)[m];
   }
-  for (; j + 16 <= n; j += 16) acc[0] += *reinterpret_cast<const v16u*>(a + j) * *reinterpret_cast<const v16u*>(b + j);
+  for (; j + VW <= n; j += VW) acc[0] += *reinterpret_cast<const v16u*>(a + j) * *reinterpret_cast<const v16u*>(b + j);
   const v16 s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   float t = 0;
-  for (int m = 0; m < 16; ++m) t += s[m];
+  for (int m = 0; m < VW; ++m) t += s[m];
   for (; j < n; ++j) t += a[j] * b[j];
   return t;
 }
