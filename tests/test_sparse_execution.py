@@ -257,6 +257,18 @@ def test_layers_below_break_even_stay_dense_with_a_warning_and_remove_restores_f
     assert "forward" not in vars(model[3])
 
 
+def test_the_default_policy_runs_a_layer_at_exactly_its_break_even_density_sparse():
+    """Density 0.1 of 1024² rounds up to 104,858 weights (0.1000004): still at the break-even, not above it."""
+    from sparseopt.execution.training import SPARSE_MAX_DENSITY
+    model = nn.Sequential(nn.Linear(1024, 1024, bias=False), nn.ReLU(), nn.Linear(1024, 1024, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"masked-dense path: 2.weight \(density 0.101 > break-even"):
+        sparse = so.SparseTraining(model, opt, density={"0.weight": SPARSE_MAX_DENSITY, "2.weight": 0.101},
+                                   prune_first_layer=True, sparse_execution=True)
+    assert int(sparse.masks["0.weight"].sum()) > SPARSE_MAX_DENSITY * 1024 * 1024
+    assert [r.execution for r in sparse.report().layers] == ["sparse", "masked"]
+
+
 def test_autocast_is_refused_naming_the_layer():
     """Under autocast the masked-dense path computes in bfloat16; the sparse kernels would silently stay float32."""
     _, (model, opt, sparse) = twins()

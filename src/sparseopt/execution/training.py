@@ -9,6 +9,8 @@ whose update of an entry reads only that entry; checkpoints keep the dense forma
 
 from __future__ import annotations
 
+import math
+
 import types
 import warnings
 from collections.abc import Callable, Mapping
@@ -22,9 +24,11 @@ from sparseopt.execution.kernels import csr_matmul_t, sddmm
 from sparseopt.execution.compact import CompactLinear
 
 # Break-even measured with benchmarks/bench_sparse_linear.py (benchmarks/README): forward + backward of one layer,
-# 1 thread. Sparse won at density 0.05 and 0.02 from batch 64 on, lost at density 0.1 and above, and lost at batch 1.
-#: Above this density the dense kernels win (0.05 won, 0.1 lost on 1024², 4096², 16384x4096).
-SPARSE_MAX_DENSITY = 0.075
+# 1 thread, the native kernels, on an AVX-512 (Zen4) and an AVX2-only AMD EPYC. From batch 64 on, sparse won at
+# density 0.1 on every measured shape (1.3-4.2x) and at 0.05 and 0.02; at 0.2 it lost on 16384x4096 at batch 256
+# (0.64x on AVX2).
+#: Above this density the dense kernels may win (0.1 won on 1024², 4096², 16384x4096 on both CPUs; 0.2 did not).
+SPARSE_MAX_DENSITY = 0.1
 #: Below this many weights per layer (the smallest measured, 1024²) the gain is not measured, so not claimed.
 SPARSE_MIN_NUMEL = 1 << 20
 #: A forward with fewer rows than this runs the masked-dense product (batch 1 lost on every measured shape).
@@ -134,9 +138,9 @@ class SparseExecution:
             return f"a {type(p.module).__name__}, only nn.Linear weights have sparse kernels"
         if p.param.device.type != "cpu":
             return f"on {p.param.device}, the sparse kernels are measured on CPU only"
-        density = float(mask.sum()) / mask.numel()
-        if density > self.policy.max_density:
-            return f"density {density:.3f} > break-even {self.policy.max_density}"
+        nnz = int(mask.sum())
+        if nnz > math.ceil(self.policy.max_density * mask.numel()):  # a density of exactly 0.1 rounds up to whole weights
+            return f"density {nnz / mask.numel():.3f} > break-even {self.policy.max_density}"
         if mask.numel() < self.policy.min_numel:
             return f"{mask.numel()} weights < {self.policy.min_numel}, too small to gain"
         return ""
