@@ -6,7 +6,7 @@ input gradient and SDDMM weight gradient on the compact (nnz,) values; shapes 10
 (out x in), densities 0.3/0.2/0.1/0.05/0.02, batch 1/64/256.
 
 End to end: the BatchNorm MLP 4096-4096-4096-10 (Linear without bias, BatchNorm1d, ReLU), all Linear weights sparse
-(``prune_first_layer=True``, uniform density 0.05), batch 256, SGD(lr=0.1, momentum=0.9, weight_decay=5e-4) or
+(``prune_first_layer=True``, uniform density 0.05 or ``--e2e-density``), batch 256, SGD(lr=0.1, momentum=0.9, weight_decay=5e-4) or
 (``--optimizer adamw``) AdamW(lr=1e-3, weight_decay=1e-2), RigL(update_every=100)+SparseOpt; before timing, a check
 that masked-dense and sparse execution train the same network (4 steps with a mask update); one timed step = ``zero_grad; CE(model(x), y).backward(); step``, non-update
 steps (step counter reset to 1 before each). Contenders: ``dense`` (no SparseTraining), ``masked`` (SparseTraining,
@@ -15,7 +15,7 @@ masked-dense: 40,960 < 1,048,576 weights, as the warning says).
 
 Interleaved repetitions, medians and paired ratios (benchmarks/common.py).
 Run:  .venv/bin/python benchmarks/bench_sparse_linear.py [--reps 5] [--threads 1] [--only layer|e2e]
-          [--shapes 4096x4096 ...] [--densities 0.05 ...] [--batches 256 ...] [--optimizer sgd|adamw]
+          [--shapes 4096x4096 ...] [--densities 0.05 ...] [--batches 256 ...] [--optimizer sgd|adamw] [--e2e-density 0.05]
 Result: benchmarks/results/sparse_linear_t<threads>.json
 """
 
@@ -88,14 +88,14 @@ OPTIMIZERS = {
 
 
 class Trainer(TimedStep):
-    def __init__(self, model, mode, x, y, optimizer="sgd", update_every=100):
+    def __init__(self, model, mode, x, y, optimizer="sgd", update_every=100, density=0.05):
         self.model, self.x, self.y = model, x, y
         self.opt = OPTIMIZERS[optimizer](model.parameters())
         self.st = None
         if mode != "dense":
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                self.st = so.SparseTraining(model, self.opt, density=0.05, distribution="uniform",
+                self.st = so.SparseTraining(model, self.opt, density=density, distribution="uniform",
                                             prune_first_layer=True, preconditioner=so.SparseOpt(),
                                             topology=so.RigL(update_every=update_every, end_step=10**6),
                                             sparse_execution=mode == "sparse")
@@ -122,15 +122,17 @@ def _step_gradient(run: Trainer, x, y) -> torch.Tensor:
     return grad
 
 
-def check_same_training(base, x, y, optimizer) -> dict:
+def check_same_training(base, x, y, optimizer, density) -> dict:
     """Before timing, from identical weights and masks: one ordinary step's gradient (active entries of every sparse
     layer) of masked-dense and of sparse execution, each against the same step in float64. Measured 2026-12-02: the
     masked-dense float32 gradient is 4e-4 to 1.4e-3 off the float64 one on this model (each product alone is within
     3e-7: the network amplifies the dense products' rounding), sparse execution's 4e-7 to 1e-6; so the check is that sparse execution is no less accurate. Then
     one RigL update: among the 16.7 M grow scores of a layer a few at the top-k boundary can swap places when the
     gradients round differently (the small-model tests get identical masks): count the mask entries that differ."""
-    runs = [Trainer(copy.deepcopy(base), mode, x, y, optimizer, update_every=2) for mode in ("masked", "sparse")]
-    reference = Trainer(copy.deepcopy(base).double(), "masked", x.double(), y, optimizer, update_every=2)
+    runs = [Trainer(copy.deepcopy(base), mode, x, y, optimizer, update_every=2, density=density)
+            for mode in ("masked", "sparse")]
+    reference = Trainer(copy.deepcopy(base).double(), "masked", x.double(), y, optimizer, update_every=2,
+                        density=density)
     exact = _step_gradient(reference, x.double(), y)
     del reference
     errors = {}
@@ -154,25 +156,27 @@ def bn_mlp(widths=(4096, 4096, 4096, 10)):
     return nn.Sequential(*layers)
 
 
-def e2e_rows(reps: int, optimizer: str) -> dict:
+def e2e_rows(reps: int, optimizer: str, density: float = 0.05) -> dict:
     torch.manual_seed(0)
     base = bn_mlp()
     x, y = torch.randn(256, 4096), torch.randint(0, 10, (256,))
-    check = check_same_training(base, x, y, optimizer)
+    check = check_same_training(base, x, y, optimizer, density)
     errors = check["grad_rel_error_vs_float64"]
     print(f"  check: one step's gradient (active entries) against float64: masked-dense {errors['masked']:.1e}, "
           f"sparse execution {errors['sparse']:.1e} (relative); after one RigL update "
           f"{check['mask_entries_differing']} of {check['active']} mask entries differ between the two")
-    trainers = {m: Trainer(copy.deepcopy(base), m, x, y, optimizer) for m in ("dense", "masked", "sparse")}
+    trainers = {m: Trainer(copy.deepcopy(base), m, x, y, optimizer, density=density)
+                for m in ("dense", "masked", "sparse")}
     print("  execution per layer:", [(r.name, r.execution) for r in trainers["sparse"].st.report().layers])
     times = time_interleaved([Contender(m, t.run, t.prepare) for m, t in trainers.items()], reps=reps, warmup=2,
                              progress=False)
     rows = summarize(times, "dense")
-    print(f"\nEnd to end, BN MLP 4096-4096-4096-10, density 0.05, batch 256, {optimizer} (ms per training step)")
+    print(f"\nEnd to end, BN MLP 4096-4096-4096-10, density {density}, batch 256, {optimizer} (ms per training "
+          "step)")
     print(format_table(rows, "dense", unit="ms", scale=1e3))
     state = {m: t.state_bytes() for m, t in trainers.items()}
     print("optimizer state: " + ", ".join(f"{m} {b / 2**20:.1f} MiB" for m, b in state.items()))
-    return {"rows": rows, "optimizer_state_bytes": state, "check": check, "optimizer": optimizer}
+    return {"rows": rows, "optimizer_state_bytes": state, "check": check, "optimizer": optimizer, "density": density}
 
 
 def main(argv=None) -> dict:
@@ -184,6 +188,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--densities", nargs="+", type=float, default=DENSITIES)
     ap.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd", help="end to end only")
+    ap.add_argument("--e2e-density", type=float, default=0.05, help="end to end only: the uniform density")
     args = ap.parse_args(argv)
     setup_torch(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.reps} reps")
@@ -192,7 +197,7 @@ def main(argv=None) -> dict:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
         payload["layers"] = layer_rows(args.reps, shapes, args.densities, args.batches)
     if args.only != "layer":
-        payload["end_to_end"] = e2e_rows(args.reps * 3, args.optimizer)
+        payload["end_to_end"] = e2e_rows(args.reps * 3, args.optimizer, args.e2e_density)
     print(f"\nwrote {write_json(f'sparse_linear_t{args.threads}', payload)}")
     return payload
 
