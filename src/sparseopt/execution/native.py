@@ -2,7 +2,9 @@
 shared build: system C++ compiler on first use, cached per source, compiler and CPU, ctypes).
 
 Why native code: on the AMD EPYC Zen4 development machine these loops ran the CSR x dense product 2.5-3x faster
-than MKL as torch calls it, and the SDDMM 1.3-1.5x faster than ``torch.sparse.sampled_addmm`` (benchmarks/README).
+than MKL as torch calls it, and the SDDMM 1.3-1.5x faster than ``torch.sparse.sampled_addmm``; on an AVX2-only
+EPYC the three products of a 4096² layer at density 0.05 ran 1.8x faster than torch's at batch 256
+(benchmarks/README).
 Where the build fails the products run on torch's kernels, with one warning naming the cause;
 ``SPARSEOPT_NATIVE_KERNELS=0`` chooses torch's kernels without building.
 """
