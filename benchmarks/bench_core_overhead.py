@@ -14,16 +14,19 @@ measurements:
   the elapsed time of a step by up to 2x, and even its CPU time moves by several percent from one repetition to the
   next (caches, clocks), the size of the goal.
 * the library alone: the work SparseTraining adds to a step, timed by itself on the step's real gradients (taken
-  with ``torch.autograd.grad``, which the hooks do not see): every sparse weight's gradient hook, as autograd would
-  call it (``.grad`` set to its result, as AccumulateGrad does), then the optimizer pre- and post-step hooks. It is
-  shown as a share of the dense step (medians, and minima: the least disturbed runs of each). Timed in a tight
-  loop, this work runs with warm caches and understates its cost inside a step.
-* the library in situ: the same hooks timed inside ``--steps``-long runs of real training steps (each hook
-  wrapped with a timer), summed per step, as a share of that same step: what the library costs where it runs,
-  after the forward and backward passes have evicted its code and data from the caches (measured 4-5x its tight-loop
-  time on the BN MLP). Not in it: autograd's own cost of calling a Python hook. The goal counts as met when the
-  median in-situ share is <= 3 %; the whole step's verdict is given only where the interval of its paired ratio
-  lies on one side of 1.03 (and means little where the A/A control's interval is wider than the goal).
+  with ``torch.autograd.grad``, which the hooks do not see): the optimizer pre- and post-step hooks and, where the
+  C++ gradient hooks did not build (``SPARSEOPT_NATIVE_KERNELS=0``), every sparse weight's Python gradient hook, as
+  autograd would call it (``.grad`` set to its result, as AccumulateGrad does; the C++ hooks run only inside
+  autograd). It is shown as a share of the dense step (medians, and minima: the least disturbed runs of each).
+  Timed in a tight loop, this work runs with warm caches and understates its cost inside a step.
+* the library in situ: the same hooks timed inside ``--steps``-long runs of real training steps (each Python hook
+  wrapped with a timer; the C++ gradient hooks time themselves), summed per step, as a share of that same step:
+  what the library costs where it runs, after the forward and backward passes have evicted its code and data from
+  the caches (measured 4-5x its tight-loop time on the BN MLP). Not in it: autograd's and torch.optim's own cost
+  of calling a hook.
+* verdict: the whole step is the goal's measure; it is given where the 95 % interval of the median paired ratio
+  lies on one side of 1.03 (and means little where the A/A control's interval is wider than the goal), else the
+  in-situ share decides (met when its median is <= 3 %).
 
 Memory: ``sparseopt.memory.state_bytes`` of SparseTraining on ResNet-50 (density 0.1 ERK) for static, rigl,
 rigl+so, after one mask update (so the grow-score scratch buffer exists), over the parameter bytes. Goal <= 0.5.
@@ -88,13 +91,15 @@ class Trainer(TimedStep):
 
 def library_work(t: Trainer, calls: int = 1):
     """A callable doing ``calls`` times the library's per-step work (see the module docstring) on ``t``'s real
-    gradients: the gradient hooks, then the optimizer's pre- and post-step hooks, without the optimizer itself."""
+    gradients: the Python gradient hooks (where the C++ ones did not build: those run only inside autograd), then
+    the optimizer's pre- and post-step hooks, without the optimizer itself."""
     st, opt = t.st, t.opt
     params = [p for group in opt.param_groups for p in group["params"]]
     t.prepare()
     grads = torch.autograd.grad(F.cross_entropy(t.model(t.x), t.y), params)
     raw = {id(p): g for p, g in zip(params, grads)}
-    hooked = [(p.param, st._gradients._hook(p.name, p.param), raw[id(p.param)]) for p in st.params]
+    hooked = [] if st._gradients.native else [(p.param, st._gradients._hook(p.name, p.param), raw[id(p.param)])
+                                              for p in st.params]
     for p in params:  # the other gradients, as backward leaves them (no per-step library work on them)
         p.grad = raw[id(p)]
 
@@ -103,6 +108,8 @@ def library_work(t: Trainer, calls: int = 1):
             st.step_count = 1
             for p, hook, g in hooked:
                 (p.grad,) = hook((g,))
+            if not hooked:  # as if the C++ hooks had seen every gradient
+                st._gradients._seen[:] = b"\x01" * len(st.params)
             st._before_step(opt, (opt,), {})
             st._after_step(opt, (opt,), {})
     return run
@@ -160,9 +167,13 @@ def in_situ_rows(base, x, y, reps: int, steps: int, clock) -> dict:
             t = trainers[m]
             t.prepare()
             probe.total = 0.0
+            native = t.st._gradients._native
+            hooks_before = native.seconds() if native is not None else 0.0
             start = clock()
             t.run()
             elapsed = clock() - start
+            if native is not None:  # the C++ gradient hooks time themselves (steady clock)
+                probe.total += native.seconds() - hooks_before
             shares[m].append(probe.total / elapsed)
             lib[m].append(probe.total / steps)
     return {m: {"share_median": statistics.median(v), "share_q1": statistics.quantiles(v, n=4)[0],

@@ -17,42 +17,84 @@ reads the gradient (tests/test_distributed.py checks the all-reduced gradient). 
 an existing ``.grad`` (accumulation), a gradient that builds a graph, and a weight that already had post-accumulate
 hooks (DDP's Python reducer, FSDP2: they run first and must see the masked gradient) keep the pre-hook's
 transformed copy.
+
+Where it builds, the hooks are C++ (:mod:`sparseopt.native.gradient_masking`): the same transform, bit for bit,
+with no Python in autograd's path; in place whenever nothing else holds the arriving gradient, so they need no
+post-accumulate hook. The Python hooks here are the fallback.
 """
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from sparseopt.masks import SparseParam
+from sparseopt.native.gradient_masking import hooks_class
 
 
 class GradientMasking:
-    """Owns the AccumulateGrad pre-hooks of the sparse weights; ``masks`` and ``rows`` (per-neuron factors, only
-    for preconditioned layers) are read at every call, so updating them is enough when masks or factors change."""
+    """Owns the AccumulateGrad pre-hooks of the sparse weights. ``masks`` are read at every call (they change in
+    place); ``rows`` (per-neuron factors, only for preconditioned layers) too, except by the C++ hooks, which hold
+    them: call :meth:`rows_changed` after replacing one."""
 
     def __init__(self, params: Sequence[SparseParam], masks: Mapping[str, torch.Tensor],
                  rows: Mapping[str, torch.Tensor]) -> None:
-        self.collect_dense = False
-        #: names whose ``.grad`` arrived through ``backward()`` (already transformed) since the last step
+        self._collect = False
+        #: names whose ``.grad`` arrived through ``backward()`` (already transformed) since the last step; the
+        #: C++ hooks keep their own record, merged in by :meth:`consume`
         self.arrived: set[str] = set()
         #: dense (unmasked) gradients summed over this step's backward passes, while ``collect_dense``
         self.dense: dict[str, torch.Tensor] = {}
         self._params, self._masks, self._rows = list(params), masks, rows
+        native = hooks_class()
+        self._native = native() if native is not None else None
+        self._native_names: list[str] = []  # the C++ hooks' entries, in order
+        # one byte per weight, set by its C++ hook when a gradient arrives, read and cleared here through a view
+        # of its memory (no call into C++ per step: see native/gradient_masking.cpp)
+        self._flags = torch.zeros(len(self._params), dtype=torch.uint8)
+        self._seen: memoryview | None = None
+        if self._native is not None and self._params:
+            flags = (ctypes.c_uint8 * len(self._params)).from_address(self._flags.data_ptr())
+            self._seen = memoryview(flags).cast("B")
+        self._no_arrivals = bytes(len(self._params))
+        self._native_dense = False  # the C++ hooks may hold dense gradients
         self._nodes, self._handles = {}, []
         self._in_place: set[str] = set()  # names masked in place after accumulation where .grad was empty
         self._pending: set[str] = set()  # arrived into an empty .grad, to be masked once accumulated
         self.attach()
+
+    @property
+    def native(self) -> bool:
+        """Whether the hooks are C++ (else the Python fallback)."""
+        return self._native is not None
+
+    @property
+    def collect_dense(self) -> bool:
+        """Whether the hooks also sum the dense gradients (a mask update that scores them comes)."""
+        return self._collect
+
+    @collect_dense.setter
+    def collect_dense(self, value: bool) -> None:
+        if self._native is not None and value != self._collect:
+            self._native.set_collect(value)
+            self._native_dense |= value
+        self._collect = value
 
     def attach(self) -> None:
         """Hook every weight that requires grad and has no hook yet (a frozen weight gets one once unfrozen; until
         then, and for the step in which it is unfrozen, step() masks its gradient instead)."""
         if len(self._nodes) == len(self._params):
             return
-        for p in self._params:
+        for slot, p in enumerate(self._params):
             if p.name in self._nodes or not p.param.requires_grad:
+                continue
+            if self._native is not None:
+                self._native.attach(p.param, self._masks[p.name], self._rows.get(p.name), self._flags, slot)
+                self._native_names.append(p.name)
+                self._nodes[p.name] = None  # the C++ hooks hold the node
                 continue
             node = torch.autograd.graph.get_gradient_edge(p.param).node
             self._nodes[p.name] = node  # a weight's AccumulateGrad node lives only as long as someone holds it
@@ -60,6 +102,13 @@ class GradientMasking:
             if not getattr(p.param, "_post_accumulate_grad_hooks", None):  # ours must run first: see the module doc
                 self._in_place.add(p.name)
                 self._handles.append(p.param.register_post_accumulate_grad_hook(self._after_accumulate(p.name)))
+        if self._native is not None:
+            self._native.set_collect(self._collect)  # for the new entries
+
+    def rows_changed(self) -> None:
+        """The per-neuron factors in ``rows`` were replaced: the C++ hooks take the new ones."""
+        for i, name in enumerate(self._native_names):
+            self._native.set_row(i, self._rows.get(name))
 
     def _hook(self, name: str, param: torch.Tensor) -> Callable:
         owner = weakref.ref(self)  # a discarded SparseTraining must stop masking, not live on in autograd
@@ -99,16 +148,34 @@ class GradientMasking:
         else:
             self.dense[name].add_(grad)
 
-    def consume(self) -> tuple[dict[str, torch.Tensor], set[str]]:
-        """This step's dense gradients and the names whose gradient came through backward(); then a fresh start."""
+    def consume(self) -> tuple[dict[str, torch.Tensor], list[SparseParam]]:
+        """This step's dense gradients, and the weights whose ``.grad`` did not come through backward() (set by
+        hand: step() transforms those itself); then a fresh start. Runs every step: where every C++ hook saw its
+        gradient, no ``.grad`` is looked at."""
         dense, arrived = self.dense, self.arrived
-        self.dense, self.arrived, self._pending = {}, set(), set()
-        return dense, arrived
+        if dense or arrived or self._pending:
+            self.dense, self.arrived, self._pending = {}, set(), set()
+        seen = self._seen
+        if seen is not None:
+            if self._native_dense:
+                for i, name in enumerate(self._native_names):
+                    if (g := self._native.take_dense(i)) is not None:
+                        dense[name] = g
+                self._native_dense = self._collect
+            if 0 not in seen:
+                seen[:] = self._no_arrivals
+                return dense, []
+            arrived.update(p.name for p, flag in zip(self._params, seen) if flag)
+            seen[:] = self._no_arrivals
+        return dense, [p for p in self._params if p.param.grad is not None and p.name not in arrived]
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        if self._native is not None:
+            self._native.remove()
         self._handles, self._nodes, self._params, self._in_place = [], {}, [], set()
+        self._native_names, self._seen = [], None
 
 
 #: the integer dtype of each float dtype's size: masking multiplies the float's bits by the mask's bytes

@@ -181,6 +181,7 @@ class SparseTraining:
         self._row_factors: dict[str, torch.Tensor] = {}
         self._row_scale: dict[str, torch.Tensor] = {}  # _row_factors in the weight's dtype: what gradients are scaled by
         self._scratch_buf: torch.Tensor | None = None
+        self._gradients: GradientMasking | None = None  # built once construction's masks and factors are final
         self._refresh_grad_scales()
         self._canonical = {p.name: canonical_name(model, p.name) for p in self.params}
         # Until the first step, keep what construction overwrites: state loaded before construction survives a
@@ -358,6 +359,8 @@ class SparseTraining:
         for p in self.params:
             if p.name in factors:
                 self._row_scale[p.name] = factors[p.name].to(device=p.param.device, dtype=p.param.dtype)
+        if factors and self._gradients is not None:
+            self._gradients.rows_changed()
 
     @staticmethod
     def _distributed() -> bool:
@@ -414,8 +417,7 @@ class SparseTraining:
         hooks would have; then the mask update (once per step) and renormalisation. An ordinary step of a plain
         setup has none of it to do and returns before entering no_grad (this runs every step)."""
         collect = self._gradients.collect_dense
-        dense, arrived = self._gradients.consume()
-        by_hand = [p for p in self.params if p.param.grad is not None and p.name not in arrived]
+        dense, by_hand = self._gradients.consume()
         if not (by_hand or (first and (self._bn_scales is not None or self.topology.is_update_step(self.step_count)))
                 or self._scales_stale or self._fold_decay or self.renormalize is not None):
             return
@@ -496,8 +498,8 @@ class SparseTraining:
         return global_grad_norm([p.grad * inverse[id(p)] if id(p) in inverse else p.grad
                                  for p in self._with_grad(optimizer)])
 
-    @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        """Runs last in ``optimizer.step()``; an ordinary step enters no ``no_grad`` (this runs every step)."""
         if self._closure_calls is not None and self._closure_calls[0] == 0:
             warnings.warn(f"{type(optimizer).__name__}.step(closure) never called the closure at step "
                           f"{self.step_count}: the gradient was neither masked nor preconditioned by SparseTraining",
@@ -507,11 +509,14 @@ class SparseTraining:
             restore_weight_decay(self._folded_decay)
             self._folded_decay = []
         if self.execution is not None:
-            self.execution.after_step()
+            with torch.no_grad():
+                self.execution.after_step()
         if self._remask_each_step:
-            self._remask_weights()
+            with torch.no_grad():
+                self._remask_weights()
         elif self.step_count % ZERO_CHECK_EVERY == 0:
-            self._check_zeros_kept(optimizer)
+            with torch.no_grad():
+                self._check_zeros_kept(optimizer)
         self.step_count += 1
         self._own_versions = self._weight_versions()
         self._gradients.collect_dense = self._dense_grad_needed()

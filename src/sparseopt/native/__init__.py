@@ -1,15 +1,19 @@
 """Building and loading sparseopt's native C++ kernels: one shared mechanism for every ``.cpp`` source.
 
 A source is compiled on first use with the system C++ compiler (a few seconds, no network, no dependency beyond
-``c++``), cached under :func:`cache_dir` per source, compiler, flags and CPU, and loaded with ctypes. Callers keep
-a torch fallback: :func:`load` warns once naming the source and the cause and returns None where the build fails,
-and ``SPARSEOPT_NATIVE_KERNELS=0`` chooses the torch paths without building.
+``c++``), cached under :func:`cache_dir` per source, compiler, flags and CPU, and loaded with ctypes, or, for a
+source that uses torch's C++ API, with ``torch.ops.load_library`` (:func:`load_torch_library`: built against the
+installed torch's headers and libraries, about 10 s once). Callers keep a fallback: both loaders warn once naming
+the source and the cause where the build fails, and ``SPARSEOPT_NATIVE_KERNELS=0`` chooses the fallbacks without
+building.
 
 Layout: the sources live next to the code they serve. ``sparseopt/execution/sparse_kernels.cpp`` (the CSR
-products, loaded by :mod:`sparseopt.execution.native`) and ``sparseopt/native/selection_kernels.cpp`` (the one-pass
+products, loaded by :mod:`sparseopt.execution.native`), ``sparseopt/native/selection_kernels.cpp`` (the one-pass
 scans of a mask update, loaded by :mod:`sparseopt.native.selection`, used by :mod:`sparseopt.selection`, the
-update in :mod:`sparseopt.pipeline` and the ITOP record in :mod:`sparseopt.bits`). Only the build and the cache
-are shared, here.
+update in :mod:`sparseopt.pipeline` and the ITOP record in :mod:`sparseopt.bits`) and
+``sparseopt/native/gradient_masking.cpp`` (the gradient masking as a C++ autograd hook, loaded by
+:mod:`sparseopt.native.gradient_masking`, used by :mod:`sparseopt.grad_hooks`). Only the build and the cache are
+shared, here.
 """
 
 from __future__ import annotations
@@ -57,6 +61,36 @@ def load(source: Path, signatures: Mapping[str, tuple[Sequence, object]], fallba
         getattr(lib, name).argtypes = list(argtypes)
         getattr(lib, name).restype = restype
     return lib
+
+
+def load_torch_library(source: Path, fallback: str) -> bool:
+    """Whether ``source``, a torch C++ extension that registers its operators and classes with ``TORCH_LIBRARY``,
+    is built and loaded into ``torch.ops``/``torch.classes``; False when disabled, or when the build or the load
+    fails: then one RuntimeWarning names the source, the cause and ``fallback``."""
+    if not enabled():
+        return False
+    import torch
+
+    try:
+        torch.ops.load_library(str(build(source, _torch_flags())))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as err:
+        warnings.warn(f"sparseopt: could not build the native {source.stem.replace('_', ' ')} ({source.name}): "
+                      f"{err}; {fallback}", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _torch_flags() -> list[str]:
+    """Compiler and linker flags for code against the installed torch (its headers, ABI and libraries; the version
+    is in the flags so that the cache keeps one build per torch)."""
+    import torch
+
+    root = Path(torch.__file__).resolve().parent
+    lib = root / "lib"
+    return ["-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-DSPARSEOPT_TORCH_VERSION={torch.__version__}", f"-I{root / 'include'}",
+            f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", f"-L{lib}", f"-Wl,-rpath,{lib}",
+            "-Wl,--no-as-needed", "-ltorch", "-ltorch_cpu", "-lc10"]
 
 
 def build(source: Path, extra_flags: Sequence[str] = ()) -> Path:
