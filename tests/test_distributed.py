@@ -1,10 +1,12 @@
 """Two gloo ranks on CPU: every rank must train the same sparse network."""
 
+import gc
 import os
 import socket
 
 import torch
 import torch.distributed as dist
+import pytest
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -19,8 +21,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank, world, port, out):
+def worker(rank, world, port, out, backend):
     torch.set_num_threads(1)
+    if backend == "python":  # the fallback gradient hooks (a fresh process: read at the first SparseTraining)
+        os.environ["SPARSEOPT_NATIVE_KERNELS"] = "0"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -28,6 +32,8 @@ def worker(rank, world, port, out):
             train(rank, topology, out)
     finally:
         dist.destroy_process_group()
+        gc.collect()  # DDP's reducer holds the group: its gloo threads must stop before finalization (see
+        # sparseopt.experiments.run.distributed._leave_process_group)
 
 
 def train(rank, topology, out):
@@ -60,16 +66,18 @@ def train(rank, topology, out):
                                                           sparse._row_scale.get(p.name))).abs().max().item()
                               for p, r in zip(sparse.params, raw)]
         opt.step()
-    torch.save({"applied_errors": applied_errors, "masks": sparse.masks, "fired": dict(sparse.fired), "state_names": sorted(sparse.state_dict()["masks"]),
+    torch.save({"native": sparse._gradients.native, "applied_errors": applied_errors, "masks": sparse.masks, "fired": dict(sparse.fired), "state_names": sorted(sparse.state_dict()["masks"]),
                 "grown_from": grown_from[:len(global_grads)], "global_grads": global_grads,
                 "weights": {k: v.detach().clone() for k, v in model.module.named_parameters()}},
                os.path.join(out, f"{topology}{rank}.pt"))
 
 
-def test_masks_and_weights_identical_across_ddp_ranks(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("backend", ["native", "python"])
+def test_masks_and_weights_identical_across_ddp_ranks(tmp_path, backend):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), backend), nprocs=2, join=True)
     for topology in ("set", "rigl"):
         a, b = [torch.load(tmp_path / f"{topology}{r}.pt", weights_only=True) for r in range(2)]
+        assert a["native"] == b["native"] == (backend == "native")
         for name in a["masks"]:
             assert torch.equal(a["masks"][name], b["masks"][name])
             assert torch.equal(a["fired"][name], b["fired"][name])

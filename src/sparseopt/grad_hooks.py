@@ -10,17 +10,19 @@ weight), linear, so it composes with gradient accumulation and with DDP's all-re
 ``.grad``). On a mask-update step it also sums a dense copy of the incoming gradients, the original gradient RigL
 grows from.
 
-Where ``.grad`` is empty when the gradient arrives (the usual ``zero_grad()``), the masking runs in place on the
-new ``.grad``, in the weight's post-accumulate hook: AccumulateGrad then keeps autograd's own tensor, and a step
-allocates and writes no second gradient per weight. The hook runs inside AccumulateGrad, before DDP's reducer
-reads the gradient (tests/test_distributed.py checks the all-reduced gradient). Adding to
-an existing ``.grad`` (accumulation), a gradient that builds a graph, and a weight that already had post-accumulate
-hooks (DDP's Python reducer, FSDP2: they run first and must see the masked gradient) keep the pre-hook's
-transformed copy.
+Two implementations of the same hook, bit for bit (tests/test_grad_hooks.py trains with both):
 
-Where it builds, the hooks are C++ (:mod:`sparseopt.native.gradient_masking`): the same transform, bit for bit,
-with no Python in autograd's path; in place whenever nothing else holds the arriving gradient, so they need no
-post-accumulate hook. The Python hooks here are the fallback.
+* **C++** (:mod:`sparseopt.native.gradient_masking`, built on first use), where it builds: a pre-hook that masks
+  the arriving gradient in place when the engine holds the only reference to it (AccumulateGrad then keeps it as
+  ``.grad``: a step allocates no second gradient per weight), on a copy otherwise (someone else holds it, or it
+  builds a graph). It runs before AccumulateGrad, so everything after it sees the masked gradient: accumulation,
+  post-accumulate hooks (FSDP2), DDP's reducer (tests/test_distributed.py checks the all-reduced gradient). No
+  Python in autograd's path: on the BN MLP that took a step from 1.04-1.05x dense to 1.01-1.02x (benchmarks/README).
+* **Python**, the fallback (a failed build, or ``SPARSEOPT_NATIVE_KERNELS=0``): where ``.grad`` is empty when the
+  gradient arrives (the usual ``zero_grad()``), the masking runs in place on the new ``.grad``, in the weight's
+  post-accumulate hook, inside AccumulateGrad and before DDP's reducer reads it. Adding to an existing ``.grad``
+  (accumulation), a gradient that builds a graph, and a weight that already had post-accumulate hooks (DDP's
+  Python reducer, FSDP2: they run first and must see the masked gradient) keep the pre-hook's transformed copy.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ Mask updates stay identical across ranks because DDP averages gradients and Spar
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from dataclasses import dataclass
 
@@ -53,11 +54,17 @@ def init_from_env() -> DistInfo:
 
 
 def _leave_process_group() -> None:
-    """Destroy the process group before the interpreter exits: a gloo group still alive at teardown aborts the
-    process ("terminate called without an active exception", exit -6), and torchrun then kills the other ranks
-    and reports failure although the run finished."""
+    """Destroy the process group and collect what still holds it (DDP's reducer, in a reference cycle with the
+    model and SparseTraining) while the interpreter is fully alive. Otherwise gloo's worker threads outlive it:
+    each keeps its last collective, whose tensors Python has seen, and releasing them needs the GIL; a thread
+    that asks for it while the interpreter finalizes exits inside a destructor and the process aborts
+    ("terminate called without an active exception", exit -6; a core dump showed ``ProcessGroupGloo::runLoop``
+    -> ``~AsyncBroadcastWork`` -> ``decref_pyobject`` -> ``take_gil`` under ``Py_FinalizeEx``; pytorch/pytorch
+    issue 190489), and torchrun then kills the other ranks and reports failure although the run finished. The
+    bindings release the GIL while a process group is destroyed, so its threads can finish here."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def max_over_ranks(info: DistInfo, *values: float) -> list[float]:
