@@ -17,7 +17,8 @@ Two implementations of the same hook, bit for bit (tests/test_grad_hooks.py trai
   ``.grad``: a step allocates no second gradient per weight), on a copy otherwise (someone else holds it, or it
   builds a graph). It runs before AccumulateGrad, so everything after it sees the masked gradient: accumulation,
   post-accumulate hooks (FSDP2), DDP's reducer (tests/test_distributed.py checks the all-reduced gradient). No
-  Python in autograd's path: on the BN MLP that took a step from 1.04-1.05x dense to 1.01-1.02x (benchmarks/README).
+  Python in autograd's path: on the BN MLP it took the library's cost inside real steps from 3.4 % to 1.5-2.0 %
+  (benchmarks/README, 2026-12-02 evening).
 * **Python**, the fallback (a failed build, or ``SPARSEOPT_NATIVE_KERNELS=0``): where ``.grad`` is empty when the
   gradient arrives (the usual ``zero_grad()``), the masking runs in place on the new ``.grad``, in the weight's
   post-accumulate hook, inside AccumulateGrad and before DDP's reducer reads it. Adding to an existing ``.grad``
