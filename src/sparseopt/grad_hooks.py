@@ -57,9 +57,10 @@ class GradientMasking:
         self._native_names: list[str] = []  # the C++ hooks' entries, in order
         # one byte per weight, set by its C++ hook when a gradient arrives, read and cleared here through a view
         # of its memory (no call into C++ per step: see native/gradient_masking.cpp)
-        self._flags = torch.zeros(len(self._params), dtype=torch.uint8)
+        self._flags: torch.Tensor | None = None
         self._seen: memoryview | None = None
         if self._native is not None and self._params:
+            self._flags = torch.zeros(len(self._params), dtype=torch.uint8)
             flags = (ctypes.c_uint8 * len(self._params)).from_address(self._flags.data_ptr())
             self._seen = memoryview(flags).cast("B")
         self._no_arrivals = bytes(len(self._params))

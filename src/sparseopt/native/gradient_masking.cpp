@@ -37,13 +37,19 @@ struct Entry {
   at::Tensor dense;  // the unmasked gradients summed over this step's backward passes, while collect
 };
 
-// where(mask, x, 0) in place on x's bits: an AND with all-ones or all-zeros per entry (NaN and inf become +0 at
-// inactive entries, as where gives), one vectorisable pass, split over torch's intra-op threads.
+// A float's bits where its mask byte is set, else 0 (+0.0, NaN and inf included, as where() gives): an AND with
+// all-ones or all-zeros, which vectorises.
+template <typename Bits>
+inline Bits kept(Bits x, uint8_t m) {
+  return x & static_cast<Bits>(-static_cast<Bits>(m != 0));
+}
+
+// where(mask, x, 0) in place on x's bits, one pass split over torch's intra-op threads.
 template <typename Bits>
 void mask_bits_(void* data, const uint8_t* mask, int64_t n) {
   auto* x = static_cast<Bits*>(data);
   at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) x[i] &= static_cast<Bits>(-static_cast<Bits>(mask[i] != 0));
+    for (int64_t i = begin; i < end; ++i) x[i] = kept(x[i], mask[i]);
   });
 }
 
@@ -89,7 +95,7 @@ void mask_rows_(F* x, const uint8_t* mask, const F* row, int64_t rows, int64_t i
       for (int64_t j = 0; j < inner; ++j) {
         Bits v;
         std::memcpy(&v, xr + j, sizeof(v));
-        v &= static_cast<Bits>(-static_cast<Bits>(mr[j] != 0));
+        v = kept(v, mr[j]);
         F f;
         std::memcpy(&f, &v, sizeof(f));
         xr[j] = f * c;
